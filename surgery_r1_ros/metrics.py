@@ -51,7 +51,9 @@ def legacy_miou(truth: Sequence[Box], predicted: Sequence[Box], sizes: Sequence[
     _check_lengths(truth, predicted)
     if not truth:
         return 0.0
-    scores = [legacy_iou(normalize_box(t, s), normalize_box(p, s)) for t, p, s in zip(truth, predicted, sizes, strict=True)]
+    scores = [
+        legacy_iou(normalize_box(t, s), normalize_box(p, s)) for t, p, s in zip(truth, predicted, sizes, strict=True)
+    ]
     return sum(scores) / len(scores)
 
 
@@ -83,7 +85,10 @@ def per_class(truth: Sequence[str], predicted: Sequence[str]) -> list[ClassRow]:
     p, r, f, s = precision_recall_fscore_support(
         list(truth), list(predicted), labels=labels, average=None, zero_division=1
     )
-    rows = [ClassRow(lab, float(pi), float(ri), float(fi), int(si)) for lab, pi, ri, fi, si in zip(labels, p, r, f, s, strict=True)]
+    rows = [
+        ClassRow(lab, float(pi), float(ri), float(fi), int(si))
+        for lab, pi, ri, fi, si in zip(labels, p, r, f, s, strict=True)
+    ]
     return sorted(rows, key=lambda row: (-row.support, row.label))
 
 
