@@ -26,6 +26,8 @@ CENTRE_RADIUS = 0.25
 _HORIZONTAL = {"left": "left", "right": "right"}
 _VERTICAL = {"top": "top", "upper": "top", "bottom": "bottom", "lower": "bottom"}
 _CENTRE = {"centre", "center", "middle", "central"}
+# "centre" is a position claim in "in the centre"/"the central area", not in "its box centre".
+_CENTRE_LEADS = {"the", "in", "at", "near", "to"}
 _WORD_RE = re.compile(r"[a-z]+")
 _SENTENCE_RE = re.compile(r"(?<=[.!?;])\s+|\n+")
 _INSTRUMENT_PATTERNS = {
@@ -84,7 +86,7 @@ def claims_in(sentence: str) -> list[PositionClaim]:
             elif vertical and _HORIZONTAL.get(nxt):
                 horizontal, i = _HORIZONTAL[nxt], i + 1
             claims.append(PositionClaim(horizontal, vertical, False, sentence))
-        elif word in _CENTRE:
+        elif word in _CENTRE and i > 0 and words[i - 1] in _CENTRE_LEADS:
             claims.append(PositionClaim(None, None, True, sentence))
         i += 1
     return claims
