@@ -1,0 +1,290 @@
+"""The two training stages on a micro model and a micro synthetic dataset: SFT, GRPO, configs, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from surgery_r1_ros.training.config import RFT_REQUIRED, find_config, from_dict, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+MICRO_DIMS = {
+    "image_width": 56, "image_height": 56, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+    "num_attention_heads": 2, "num_key_value_heads": 1, "mrope_section": [4, 6, 6], "vision_depth": 1,
+    "vision_hidden_size": 32, "vision_intermediate_size": 64, "vision_num_heads": 1, "vocab_size": 512,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory) -> dict[str, Path]:
+    """A micro synthetic dataset, its mix and a random-init micro model."""
+    from surgery_r1_ros.data.mix import build_mix, write_mix
+    from surgery_r1_ros.data.synth import SynthOptions, generate_dataset
+    from surgery_r1_ros.data.vqla import load_vqla
+    from surgery_r1_ros.model import build_builtin, save_model
+
+    root = tmp_path_factory.mktemp("micro")
+    data = root / "data"
+    generate_dataset(data, SynthOptions(sequences=2, frames_per_sequence=2, seed=3, size=(140, 112), test_fraction=0.0,
+                                        difficulty="easy"))  # fmt: skip
+    records = build_mix(load_vqla(data, "all"), seed=0)
+    mix = write_mix(records, root / "mix.jsonl")
+    texts = [r["question"] for r in records] + [r["reasoning"] for r in records if r["reasoning"]]
+    model = save_model(build_builtin(texts, **MICRO_DIMS), root / "model")
+    return {"root": root, "data": data, "mix": mix, "model": model}
+
+
+def sft_config(micro: dict, out: Path, **trainer) -> dict:
+    return {
+        "stage": "sft",
+        "model": str(micro["model"]),
+        "output_dir": str(out),
+        "data": {"mix": str(micro["mix"]), "kinds": ["grounding", "vqa", "cot"]},
+        "trainer": {
+            "max_steps": 3,
+            "per_device_train_batch_size": 2,
+            "learning_rate": 1e-3,
+            "logging_steps": 1,
+            "save_steps": 2,
+            "disable_tqdm": True,
+            "seed": 0,
+            **trainer,
+        },
+    }
+
+
+def rft_config(micro: dict, out: Path, **trainer) -> dict:
+    return {
+        "stage": "rft",
+        "model": str(micro["model"]),
+        "output_dir": str(out),
+        "data": {"mix": str(micro["mix"]), "kinds": ["grounding", "cot"]},
+        "rewards": {"format": 0.5, "accuracy": 1.0, "iou": 1.0, "coherence": 0.5},
+        "trainer": {
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "num_generations": 2,
+            "beta": 0.02,
+            "loss_type": "grpo",
+            "max_completion_length": 12,
+            "temperature": 1.0,
+            "learning_rate": 1e-4,
+            "logging_steps": 1,
+            "save_steps": 1,
+            "disable_tqdm": True,
+            **trainer,
+        },
+    }
+
+
+# -- configs ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["builtin_sft", "builtin_rft", "qwen3b_sft", "qwen3b_rft", "qwen7b_sft", "qwen7b_rft"])
+def test_shipped_configs_load(name):
+    config = load_config(name)
+    assert config.stage in ("sft", "rft")
+    if config.stage == "rft":
+        assert all(k in config.trainer for k in RFT_REQUIRED)
+    if name.startswith("qwen"):
+        assert config.lora is not None and config.trainer["bf16"] and config.trainer["activation_checkpointing"]
+
+
+def test_pipeline_configs_exist():
+    assert find_config("builtin_pipeline").is_file() and find_config("builtin_micro").is_file()
+
+
+def test_rft_config_must_set_grpo_knobs(micro, tmp_path):
+    raw = rft_config(micro, tmp_path)
+    del raw["trainer"]["beta"]
+    with pytest.raises(ValueError, match="beta"):
+        from_dict(raw)
+
+
+def test_config_rejects_unknown_keys(micro, tmp_path):
+    raw = sft_config(micro, tmp_path)
+    raw["optimiser"] = "sgd"
+    with pytest.raises(ValueError, match="unknown key"):
+        from_dict(raw)
+
+
+def test_config_overrides(micro, tmp_path):
+    config = from_dict(sft_config(micro, tmp_path), overrides={"trainer.max_steps": 7, "output_dir": "x"})
+    assert config.trainer["max_steps"] == 7 and config.output_dir == "x"
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+
+
+def test_sft_rows_scale_boxes_to_the_model_input(micro):
+    from surgery_r1_ros.training.config import DataConfig
+    from surgery_r1_ros.training.dataset import load_records, sft_row
+
+    from surgery_r1_ros.protocol import parse_output
+
+    records = load_records(DataConfig(mix=str(micro["mix"]), kinds=["grounding"]))
+    record = records[0]
+    row = sft_row(record, (56, 56))
+    box = parse_output(row["target"]).box
+    w, h = record["image_size"]
+    assert row["mode"] == "ground"
+    assert box == pytest.approx([round(record["box"][0] * 56 / w), round(record["box"][1] * 56 / h),
+                                 round(record["box"][2] * 56 / w), round(record["box"][3] * 56 / h)])  # fmt: skip
+
+
+def test_collator_masks_everything_but_the_completion(micro):
+    from surgery_r1_ros.training.config import DataConfig
+    from surgery_r1_ros.training.dataset import ImageCache, SFTCollator, load_records, sft_row
+
+    from surgery_r1_ros.model import load_model
+
+    loaded = load_model(micro["model"])
+    records = load_records(DataConfig(mix=str(micro["mix"]), kinds=["vqa"]))[:2]
+    rows = [sft_row(r, (56, 56)) for r in records]
+    batch = SFTCollator(loaded.processor, ImageCache())(rows)
+    tok = loaded.processor.tokenizer
+    for i, row in enumerate(rows):
+        labelled = batch["labels"][i][batch["labels"][i] != -100]
+        assert tok.decode(labelled) == row["target"] + "<|im_end|>"
+
+
+# -- stages ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sft_runs_and_writes_safetensors_metrics_and_plot(micro, tmp_path):
+    from surgery_r1_ros.training.sft import run_sft
+
+    from surgery_r1_ros.model import load_model
+
+    out = tmp_path / "sft"
+    final = run_sft(from_dict(sft_config(micro, out)))
+    assert (final / "model.safetensors").is_file() and (out / "checkpoint-2" / "model.safetensors").is_file()
+    assert (out / "loss.png").is_file()
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("step,") and "loss" in lines[0] and len(lines) >= 4
+    load_model(final)  # the result is a loadable model folder
+
+
+@pytest.mark.slow
+def test_sft_with_lora_merges_into_a_plain_model(micro, tmp_path):
+    from surgery_r1_ros.training.sft import run_sft
+
+    from surgery_r1_ros.model import load_model
+
+    raw = sft_config(micro, tmp_path / "lora", max_steps=1)
+    raw["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0}
+    final = run_sft(from_dict(raw))
+    loaded = load_model(final)
+    assert not any("lora" in name for name, _ in loaded.model.named_parameters())
+
+
+@pytest.mark.slow
+def test_grpo_runs_with_all_rewards(micro, tmp_path):
+    from surgery_r1_ros.training.rft import run_rft
+
+    out = tmp_path / "rft"
+    final = run_rft(from_dict(rft_config(micro, out)))
+    assert (final / "model.safetensors").is_file()
+    header = (out / "metrics.csv").read_text().splitlines()[0]
+    for name in ("format_reward", "accuracy_reward", "iou_reward", "coherence_reward"):
+        assert f"rewards/{name}/mean" in header
+    assert (out / "rewards.png").is_file()
+
+
+def test_existing_checkpoints_need_resume(micro, tmp_path):
+    from surgery_r1_ros.training.common import prepare_output
+
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    with pytest.raises(ValueError, match="--resume"):
+        prepare_output(from_dict(sft_config(micro, tmp_path)), resume=False)
+
+
+# -- kill and resume -------------------------------------------------------------------------------------------
+
+KILL_SCRIPT = """
+import os, signal, sys
+from transformers import TrainerCallback
+from surgery_r1_ros.training.config import load_config
+from surgery_r1_ros.training.sft import run_sft
+
+class Kill(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final save: a real crash
+
+run_sft(load_config(sys.argv[1]), resume=len(sys.argv) > 3, callbacks=[Kill()])
+"""
+
+
+def _write_config(raw: dict, path: Path) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(micro, tmp_path):
+    """SIGKILL after step 3 (checkpoint at 2), resume to 4: same step, optimizer state and weights as 4 straight."""
+    from safetensors.torch import load_file
+    from surgery_r1_ros.training.sft import run_sft
+
+    straight = tmp_path / "straight"
+    run_sft(from_dict(sft_config(micro, straight, max_steps=4)))
+
+    killed = tmp_path / "killed"
+    config = _write_config(sft_config(micro, killed, max_steps=4), tmp_path / "killed.yaml")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(config), "3"], env=env, capture_output=True, timeout=300
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert (killed / "checkpoint-2").is_dir() and not (killed / "checkpoint-4").exists()
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(config), "99", "resume"], env=env,
+                          capture_output=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+
+    a, b = straight / "checkpoint-4", killed / "checkpoint-4"
+    assert json.loads((a / "trainer_state.json").read_text())["global_step"] == 4
+    assert json.loads((b / "trainer_state.json").read_text())["global_step"] == 4
+    opt_a = torch.load(a / "optimizer.pt", weights_only=False)["state"]
+    opt_b = torch.load(b / "optimizer.pt", weights_only=False)["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for key in opt_a:
+        assert int(opt_a[key]["step"]) == int(opt_b[key]["step"]) == 4
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt_a[key][name], opt_b[key][name], rtol=1e-4, atol=1e-6)
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
+    # The metrics file reads as one run: step 3, logged before the kill, appears once.
+    steps = [line.split(",")[0] for line in (killed / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps[:4] == ["1", "2", "3", "4"]
+
+
+# -- distributed -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(micro, tmp_path):
+    """accelerate launch, 2 CPU processes (gloo): both ranks step, rank 0 writes the checkpoint."""
+    out = tmp_path / "ddp"
+    config = _write_config(sft_config(micro, out, max_steps=2, save_steps=2), tmp_path / "ddp.yaml")
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--config_file", str(REPO / "training" / "accelerate" / "cpu_ddp.yaml"),
+           "--num_processes", "2", "-m", "surgery_r1_ros.cli", "train", "sft", "--config", str(config)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert (out / "final" / "model.safetensors").is_file()

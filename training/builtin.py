@@ -1,0 +1,248 @@
+"""Reproduce the built-in model from nothing: one command, every stage of the pipeline.
+
+    surgery-r1 train builtin --out surgery_r1_ros/resources/builtin_model      # = make model
+
+1. synthesize a train set and a held-out test set (different seeds, so unseen scenes),
+2. write the training mix (VQA, grounding, chain of thought),
+3. train a small BPE on the mix text and build a random-init Qwen2.5-VL normalised with the data's colours,
+4. SFT in phases (a curriculum: short grounding/VQA targets first, then chain of thought added),
+5. GRPO from the SFT result,
+6. evaluate untrained / SFT / SFT+GRPO on the test split (direct and reasoning prompts),
+7. install the final weights in ``--out`` in place and write its model card.
+
+Stages record completion in ``<work>/stages.json``; ``--resume`` skips finished ones and resumes the
+current training stage from its last checkpoint. Knobs live in ``training/configs/builtin_pipeline.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import TrainerCallback
+
+from .config import find_config, from_dict
+
+log = logging.getLogger(__name__)
+
+
+REPORTED = (
+    "n",
+    "accuracy",
+    "f_score",
+    "miou_legacy",
+    "miou",
+    "coherence_rate",
+    "format_rate",
+    "claims_rate",
+    "seconds",
+)
+
+
+class TimeBudget(TrainerCallback):
+    """Stop (and save) a training stage once it has run ``seconds``; the stage then ends normally."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.started = time.time()
+        self.stopped_at: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.seconds and time.time() - self.started > self.seconds:
+            control.should_training_stop = True
+            control.should_save = True
+            self.stopped_at = state.global_step
+        return control
+
+
+class Pipeline:
+    """The stages, their bookkeeping (``stages.json``) and the measured numbers for the model card."""
+
+    def __init__(self, out: Path, work: Path, spec: dict[str, Any], resume: bool) -> None:
+        self.out, self.work, self.spec, self.resume = Path(out), Path(work), spec, resume
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.state_file = self.work / "stages.json"
+        resuming = resume and self.state_file.is_file()
+        self.state: dict[str, Any] = json.loads(self.state_file.read_text()) if resuming else {}
+        self.train_data = self.work / "data" / "train"
+        self.test_data = self.work / "data" / "test"
+        self.mix = self.work / "data" / "train_mix.jsonl"
+
+    def stage(self, name: str, fn) -> Any:
+        if name in self.state and self.state[name].get("done"):
+            log.info("stage %s: done before, skipped", name)
+            return self.state[name].get("result")
+        log.info("stage %s: starting", name)
+        started = time.time()
+        result = fn()
+        self.state[name] = {"done": True, "seconds": round(time.time() - started, 1), "result": result}
+        self.state_file.write_text(json.dumps(self.state, indent=2) + "\n")
+        log.info("stage %s: done in %.0f s", name, time.time() - started)
+        return result
+
+    # -- stages -------------------------------------------------------------------------------------------
+    def synth(self) -> dict:
+        from surgery_r1_ros.data.synth import SynthOptions, generate_dataset
+
+        out = {}
+        for name, folder in (("train", self.train_data), ("test", self.test_data)):
+            opts = dict(self.spec["synth"][name])
+            size = tuple(int(v) for v in str(opts.pop("size")).lower().split("x"))
+            workers = int(opts.pop("workers", 2))
+            if folder.exists():
+                shutil.rmtree(folder)
+            report = generate_dataset(folder, SynthOptions(size=size, **opts), workers=workers)
+            out[name] = {**opts, "size": list(size), "summary": report.summary()}
+        return out
+
+    def write_mix(self) -> dict:
+        from surgery_r1_ros.data.mix import build_mix, format_mix_counts, write_mix
+        from surgery_r1_ros.data.vqla import load_vqla
+
+        dataset = load_vqla(self.train_data, "all")
+        records = build_mix(dataset, seed=int(self.spec.get("seed", 0)))
+        write_mix(records, self.mix)
+        test = load_vqla(self.test_data, "all")
+        return {
+            "train_frames": len(dataset.frames),
+            "train_questions": len(dataset),
+            "records": len(records),
+            "test_frames": len(test.frames),
+            "test_questions": len(test),
+            "counts": format_mix_counts(records),
+        }
+
+    def init_model(self) -> dict:
+        from surgery_r1_ros import protocol
+        from surgery_r1_ros.data.mix import read_mix
+        from surgery_r1_ros.model import build_builtin, save_model
+
+        from .dataset import dataset_colour_stats, frames_of
+
+        spec = self.spec["model"]
+        records = read_mix(self.mix)
+        dims = dict(spec.get("dims") or {})
+        size = (int(dims.get("image_width", 280)), int(dims.get("image_height", 224)))
+        mean, std = dataset_colour_stats(frames_of(records), size)
+        texts = [r["question"] for r in records] + [
+            protocol.build_target(r["answer"], tuple(r["box"]) if r["box"] else None, r["reasoning"]) for r in records
+        ]
+        loaded = build_builtin(texts, mean, std, seed=int(self.spec.get("seed", 0)), **dims)
+        folder = self.work / "init"
+        save_model(loaded, folder, {"trained": False, "note": "random init of the built-in pipeline"})
+        params = sum(p.numel() for p in loaded.model.parameters())
+        return {"folder": str(folder), "image_mean": mean, "image_std": std, "parameters": params,
+                "vocab": len(loaded.processor.tokenizer), "dims": dims}  # fmt: skip
+
+    def train(self, name: str, stage: str, model: str, spec: dict) -> dict:
+        spec = dict(spec)
+        budget = spec.pop("time_budget_minutes", None)
+        raw = {
+            "stage": stage,
+            "model": model,
+            "output_dir": str(self.work / name),
+            "data": {"mix": str(self.mix), **(spec.pop("data", None) or {})},
+            **spec,
+        }
+        config = from_dict(raw, source=f"builtin_pipeline:{name}")
+        timer = TimeBudget(budget * 60 if budget else None)
+        resume = self.resume and (self.work / name).is_dir()
+        if not resume and (self.work / name).exists():
+            shutil.rmtree(self.work / name)
+        if stage == "sft":
+            from .sft import run_sft
+
+            final = run_sft(config, resume=resume, callbacks=[timer])
+        else:
+            from .rft import run_rft
+
+            final = run_rft(config, resume=resume, callbacks=[timer])
+        trainer_state = _last_state(self.work / name)
+        return {"final": str(final), "steps": trainer_state.get("global_step"), "stopped_by_time": timer.stopped_at,
+                "config": config.to_dict()}  # fmt: skip
+
+    def evaluate(self, models: dict[str, str]) -> dict:
+        from .evaluate import evaluate, summary
+
+        spec = self.spec.get("eval", {})
+        results: dict[str, Any] = {}
+        for label, folder in models.items():
+            for reasoning in (False, True):
+                key = f"{label}/{'reason' if reasoning else 'direct'}"
+                out = self.work / "eval" / label / ("reason" if reasoning else "direct")
+                limit = spec.get("reason_max_new_tokens") if reasoning else None
+                if label == "untrained":
+                    limit = spec.get("untrained_max_new_tokens", limit)
+                report = evaluate(
+                    folder, self.test_data, "all", out, reasoning=reasoning,
+                    batch_size=int(spec.get("batch_size", 32)), max_new_tokens=limit,
+                    limit=spec.get("reason_limit") if reasoning else None,
+                )  # fmt: skip
+                log.info("%s: %s", key, summary(report))
+                results[key] = {k: report[k] for k in REPORTED}
+                results[key]["report"] = str(out / "report.json")
+        return results
+
+    def install(self) -> dict:
+        from surgery_r1_ros.model import load_model, save_model
+
+        final = self.state["rft"]["result"]["final"]
+        loaded = load_model(final)
+        info = {
+            "trained": True,
+            "kind": "builtin",
+            "pipeline": "surgery-r1 train builtin (synth -> mix -> SFT -> GRPO)",
+            "metrics": self.state.get("eval", {}).get("result", {}),
+        }
+        save_model(loaded, self.out, info)
+        for name in ("loss.png", "rewards.png"):
+            for stage in ("sft_a", "sft_b", "rft"):
+                src = self.work / stage / name
+                if src.is_file():
+                    shutil.copy(src, self.out / f"{stage}_{name}")
+        return {"out": str(self.out)}
+
+
+def _last_state(folder: Path) -> dict:
+    states = sorted(folder.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1]))
+    return json.loads(states[-1].read_text()) if states else {}
+
+
+def run_builtin(out: str | Path, work: str | Path, config: str = "builtin_pipeline", resume: bool = False) -> Path:
+    """Run every stage; returns the model card path."""
+    path = find_config(config)
+    spec = yaml.safe_load(path.read_text())
+    p = Pipeline(Path(out), Path(work), spec, resume)
+    started = time.time()
+    p.stage("synth", p.synth)
+    p.stage("mix", p.write_mix)
+    init = p.stage("init", p.init_model)
+    model = init["folder"]
+    for phase in ("sft_a", "sft_b"):
+        if phase in spec:
+            model = p.stage(phase, lambda ph=phase, m=model: p.train(ph, "sft", m, spec[ph]))["final"]
+    sft_final = model
+    rft = p.stage("rft", lambda: p.train("rft", "rft", sft_final, spec["rft"]))
+    p.stage("eval", lambda: p.evaluate({"untrained": init["folder"], "sft": sft_final, "sft_grpo": rft["final"]}))
+    p.stage("install", p.install)
+    card = write_model_card(p, path, time.time() - started)
+    return card
+
+
+def write_model_card(p: Pipeline, config_path: Path, seconds: float) -> Path:
+    """README.md beside the weights: data, model, steps, time, the measured table, how to reproduce."""
+    from .card import model_card
+
+    text = model_card(p.state, p.spec, config_path, seconds, platform.platform())
+    card = p.out / "README.md"
+    card.write_text(text)
+    return card

@@ -1,0 +1,86 @@
+"""``surgery-r1 train sft|rft|builtin`` and ``surgery-r1 eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser("train", help="train: SFT, GRPO, or the whole built-in model pipeline")
+    sub = train.add_subparsers(dest="train_command", required=True, metavar="STAGE")
+    for stage, text in (("sft", "stage 1: supervised fine-tuning (TRL SFTTrainer)"),
+                        ("rft", "stage 2: reinforcement fine-tuning with GRPO (TRL GRPOTrainer)")):  # fmt: skip
+        p = sub.add_parser(stage, help=text)
+        p.add_argument("--config", required=True, help="YAML run config (a file, or a shipped name: builtin_sft, ...)")
+        p.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
+        p.add_argument("--output-dir", help="override the config's output_dir")
+        p.add_argument("--model", help="override the config's starting model")
+        p.add_argument("--max-steps", type=int, help="override trainer.max_steps")
+        p.set_defaults(handler=_train, stage=stage)
+
+    builtin = sub.add_parser("builtin", help="reproduce the built-in model: synth data, SFT, GRPO, eval, model card")
+    builtin.add_argument("--out", type=Path, required=True, help="folder for the finished model (written in place)")
+    builtin.add_argument("--work", type=Path, default=Path("runs/builtin"), help="data, checkpoints and reports")
+    builtin.add_argument("--config", default="builtin_pipeline", help="pipeline YAML (shipped: builtin_pipeline)")
+    builtin.add_argument("--resume", action="store_true", help="skip finished stages and resume the current one")
+    builtin.set_defaults(handler=_builtin)
+
+    ev = subparsers.add_parser("eval", help="evaluate a model on a VQLA-format split (JSON report, per-class table)")
+    ev.add_argument("--model", type=Path, default=None, help="model folder (default: the built-in model)")
+    ev.add_argument("--data", type=Path, required=True, help="dataset folder (EndoVis-18/17-VQLA layout)")
+    ev.add_argument("--split", default="test", choices=("train", "test", "all"))
+    ev.add_argument("--out", type=Path, required=True, help="report folder")
+    ev.add_argument("--reasoning", action=argparse.BooleanOptionalAction, default=False,
+                    help="chain-of-thought prompt (default: direct answer with box)")  # fmt: skip
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
+    ev.add_argument("--max-new-tokens", type=int, default=None)
+    ev.set_defaults(handler=_eval)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    overrides = {}
+    if args.output_dir:
+        overrides["output_dir"] = args.output_dir
+    if args.model:
+        overrides["model"] = args.model
+    if args.max_steps is not None:
+        overrides["trainer.max_steps"] = args.max_steps
+    config = load_config(args.config, overrides)
+    if config.stage != args.stage:
+        raise ValueError(f"{config.source} is a {config.stage!r} config; use `surgery-r1 train {config.stage}`")
+    if args.stage == "sft":
+        from .sft import run_sft
+
+        final = run_sft(config, resume=args.resume)
+    else:
+        from .rft import run_rft
+
+        final = run_rft(config, resume=args.resume)
+    print(f"model written to {final}")
+    return 0
+
+
+def _builtin(args: argparse.Namespace) -> int:
+    from .builtin import run_builtin
+
+    card = run_builtin(args.out, args.work, args.config, resume=args.resume)
+    print(f"built-in model written to {args.out} (model card {card})")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, summary
+
+    report = evaluate(
+        args.model, args.data, args.split, args.out, args.reasoning, args.batch_size, args.limit, args.max_new_tokens
+    )
+    print(summary(report))
+    print(f"report: {args.out / 'report.json'}")
+    headline = {k: report[k] for k in ("accuracy", "f_score", "miou_legacy", "miou", "coherence_rate", "format_rate")}
+    print(json.dumps(headline))
+    return 0
