@@ -10,11 +10,16 @@ TORCH := torch==2.13.0
 
 .PHONY: setup test lint demo model clean
 
-$(STAMP): requirements/core.txt requirements/ros.txt requirements/dev.txt setup.py
+# surgery_r1_interfaces is the ROS 2 interface package (ament_cmake + rosidl), built by CMake through
+# scikit-build-core; its build requirements come with requirements/ros.txt, hence --no-build-isolation.
+$(STAMP): requirements/core.txt requirements/ros.txt requirements/dev.txt setup.py \
+		$(wildcard surgery_r1_interfaces/*.txt surgery_r1_interfaces/*.toml surgery_r1_interfaces/*.xml \
+			surgery_r1_interfaces/cmake/* surgery_r1_interfaces/msg/* surgery_r1_interfaces/srv/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet $(TORCH) -r requirements/core.txt -r requirements/ros.txt -r requirements/dev.txt
+	$(PIP) install --quiet --no-build-isolation ./surgery_r1_interfaces
 	$(PIP) install --quiet --no-deps -e .
 	touch $(STAMP)
 

@@ -57,6 +57,7 @@ setup(
     entry_points={
         "console_scripts": [
             "surgery-r1 = surgery_r1_ros.cli:main",
+            "surgery_r1_node = surgery_r1_ros.node.node:main",
         ],
     },
 )

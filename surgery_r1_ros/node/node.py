@@ -1,0 +1,502 @@
+"""The Surgery-R1 lifecycle node: camera frames in, grounded answers out.
+
+- configure: load the engine (model_path, backend, device); a bad model or backend fails the transition
+  with one clear log line. Creates ~/ask (AskQuestion), ~/answers (GroundedAnswer), ~/annotated_image.
+- activate: subscribe the camera (image_topic, raw or compressed, QoS image_qos) into a small stamped
+  buffer; answer questions.
+- /diagnostics: model, backend, input frame rate, frame age, latency p50/p95/last, error counts.
+
+Threading (measured in benchmarks/bench_node.py): by default one thread spins the executor (image intake,
+service requests, timers) and never runs the model; an inference worker thread owns the engine and a
+bounded queue of questions. The service callback is a coroutine that waits for its job without blocking
+the executor, so frames keep flowing while a question is answered. ``executor:=multi`` runs the same node
+under a MultiThreadedExecutor for comparison.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from functools import partial
+from typing import Any
+
+import rclpy
+from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data, qos_profile_system_default
+from rclpy.task import Future
+from sensor_msgs.msg import CompressedImage, Image, RegionOfInterest
+from std_msgs.msg import Header
+
+from surgery_r1_interfaces.msg import GroundedAnswer
+from surgery_r1_interfaces.srv import AskQuestion
+from surgery_r1_ros.node.annotate import draw_answer
+from surgery_r1_ros.node.buffer import Frame, FrameBuffer, FrameSelectionError, ns_to_stamp, stamp_to_ns
+from surgery_r1_ros.node.diagnostics import NodeStats
+from surgery_r1_ros.node.engine_loader import EngineLoadError, LoadedEngine, load_engine
+from surgery_r1_ros.node.image import (
+    ImageError,
+    check_image,
+    clean_frame_id,
+    compressed_to_rgb,
+    image_to_rgb,
+    rgb_to_image_fields,
+)
+from surgery_r1_ros.node.params import EXECUTOR_CHOICES, NODE_NAME, PARAMETERS, QOS_CHOICES
+from surgery_r1_ros.node.worker import InferenceWorker, Job, QueueFull
+
+WARMUP_QUESTION = "What organ is being operated?"
+
+
+class Refusal(Exception):
+    """A request answered with success=false before it reached the engine; ``kind`` is a counter key."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def image_qos(name: str) -> QoSProfile:
+    if name == "sensor_data":
+        return qos_profile_sensor_data
+    if name == "reliable":
+        return QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+    return qos_profile_system_default
+
+
+class SurgeryR1Node(LifecycleNode):
+    def __init__(self, node_name: str = NODE_NAME, **kwargs: Any) -> None:
+        super().__init__(node_name, **kwargs)
+        for p in PARAMETERS:
+            self.declare_parameter(p.name, p.default, ParameterDescriptor(description=p.description))
+        self.stats = NodeStats()
+        self.loaded: LoadedEngine | None = None
+        self.worker: InferenceWorker | None = None
+        self.buffer = FrameBuffer(max(1, int(self.param("buffer_size"))))
+        self._active = False
+        self._state = "unconfigured"
+        self._image_sub = None
+        self._ask_srv = None
+        self._answers_pub = None
+        self._annotated_pub = None
+        self._subscribed_topic = ""
+        self._service_group = ReentrantCallbackGroup()  # many questions in flight at once
+        self._image_group = MutuallyExclusiveCallbackGroup()
+        self._timer_group = MutuallyExclusiveCallbackGroup()
+        # The worker wakes the executor through this when an answer is ready (see _ask_async).
+        self._wake = self.create_guard_condition(lambda: None, self._service_group)
+        self.executor_kind = str(self.param("executor"))
+        if self.executor_kind not in EXECUTOR_CHOICES:
+            self.get_logger().error(f"executor {self.executor_kind!r} unknown; using 'single' ({EXECUTOR_CHOICES})")
+            self.executor_kind = "single"
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._diag_timer = self.create_timer(
+            max(0.1, float(self.param("diagnostics_period_s"))), self._publish_diagnostics, self._timer_group
+        )
+
+    def param(self, name: str) -> Any:
+        return self.get_parameter(name).value
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        log = self.get_logger()
+        try:
+            self._check_parameters()
+        except ValueError as err:
+            log.error(f"configure failed: {err}")
+            return TransitionCallbackReturn.FAILURE
+        model_path, backend, device = (str(self.param(k)) for k in ("model_path", "backend", "device"))
+        log.info(f"loading model {model_path or '(built-in)'} with backend {backend!r} on device {device!r}")
+        start = time.perf_counter()
+        try:
+            self.loaded = load_engine(
+                model_path,
+                backend,
+                device,
+                max_question_chars=int(self.param("max_question_length")),
+            )
+        except EngineLoadError as err:
+            log.error(f"configure failed: {err}")
+            return TransitionCallbackReturn.FAILURE
+        except Exception as err:  # never let a broken model crash the process
+            log.error(f"configure failed: unexpected {type(err).__name__} while loading the model: {err}")
+            return TransitionCallbackReturn.FAILURE
+        if self.param("warmup"):
+            self._warmup()
+        log.info(
+            f"model {self.loaded.model} ready on {self.loaded.device} ({backend}) "
+            f"in {time.perf_counter() - start:.1f} s"
+        )
+        self.buffer = FrameBuffer(int(self.param("buffer_size")))
+        max_new_tokens = int(self.param("max_new_tokens"))
+        self.worker = InferenceWorker(
+            self.loaded.engine,
+            int(self.param("max_queue")),
+            encode_ahead=bool(self.param("encode_ahead")),
+            newest_frame=lambda: self.buffer.newest(),
+            frame_interval_s=self._frame_interval_s,
+            max_new_tokens=max_new_tokens if max_new_tokens > 0 else None,
+            input_errors=self.loaded.input_errors,
+        )
+        self.worker.start()
+        self._answers_pub = self.create_lifecycle_publisher(GroundedAnswer, "~/answers", 10)
+        self._annotated_pub = self.create_lifecycle_publisher(Image, "~/annotated_image", 2)
+        if self._ask_srv is None:
+            callback = self._ask_async if self.executor_kind == "single" else self._ask_blocking
+            self._ask_srv = self.create_service(AskQuestion, "~/ask", callback, callback_group=self._service_group)
+        self._state = "inactive"
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        compressed = bool(self.param("compressed"))
+        topic = str(self.param("image_topic"))
+        if compressed and not topic.endswith("/compressed"):
+            topic = topic.rstrip("/") + "/compressed"
+        msg_type = CompressedImage if compressed else Image
+        self.buffer.clear()
+        self._image_sub = self.create_subscription(
+            msg_type,
+            topic,
+            self._on_compressed if compressed else self._on_image,
+            image_qos(str(self.param("image_qos"))),
+            callback_group=self._image_group,
+        )
+        self._subscribed_topic = self.resolve_topic_name(topic)
+        self._active = True
+        self._state = "active"
+        self.get_logger().info(
+            f"active: answering on {self.resolve_service_name('~/ask')} about {self._subscribed_topic} "
+            f"({msg_type.__name__}, QoS {self.param('image_qos')}, executor {self.executor_kind})"
+        )
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._active = False
+        if self._image_sub is not None:
+            self.destroy_subscription(self._image_sub)
+            self._image_sub = None
+        self.buffer.clear()
+        self._state = "inactive"
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        self._state = "unconfigured"
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        self._state = "finalized"
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.get_logger().error(f"error in lifecycle state {state.label}: releasing the model")
+        self._release()
+        self._state = "unconfigured"
+        return TransitionCallbackReturn.SUCCESS
+
+    def _release(self) -> None:
+        """Stop intake and the worker, free the model, remove the outputs (any state to unconfigured)."""
+        self._active = False
+        if self._image_sub is not None:
+            self.destroy_subscription(self._image_sub)
+            self._image_sub = None
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+        if self.loaded is not None:
+            close = getattr(self.loaded.engine, "close", None)
+            if callable(close):
+                with contextlib.suppress(Exception):
+                    close()
+            self.loaded = None
+        for pub in (self._answers_pub, self._annotated_pub):
+            if pub is not None:
+                self.destroy_lifecycle_publisher(pub)
+        self._answers_pub = self._annotated_pub = None
+        if self._ask_srv is not None:
+            self.destroy_service(self._ask_srv)
+            self._ask_srv = None
+        self.buffer.clear()
+
+    def _check_parameters(self) -> None:
+        checks = [
+            (int(self.param("buffer_size")) >= 1, "buffer_size must be at least 1"),
+            (int(self.param("max_queue")) >= 1, "max_queue must be at least 1"),
+            (int(self.param("max_question_length")) >= 1, "max_question_length must be at least 1"),
+            (int(self.param("max_new_tokens")) >= 0, "max_new_tokens must be 0 (model default) or more"),
+            (float(self.param("stamp_tolerance_s")) >= 0, "stamp_tolerance_s must be >= 0"),
+            (float(self.param("max_frame_age_s")) > 0, "max_frame_age_s must be > 0"),
+            (str(self.param("image_qos")) in QOS_CHOICES, f"image_qos must be one of {', '.join(QOS_CHOICES)}"),
+            (bool(str(self.param("image_topic")).strip()), "image_topic is empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def _warmup(self) -> None:
+        """One question on a grey frame: the first real answer then runs at steady-state speed."""
+        import numpy as np
+
+        engine = self.loaded.engine
+        try:
+            engine.ask(WARMUP_QUESTION, image=np.full((224, 280, 3), 128, np.uint8), stamp=("warmup",))
+            forget = getattr(engine, "forget", None)
+            if callable(forget):
+                forget(("warmup",))
+        except Exception as err:
+            self.get_logger().warning(f"warm-up question failed ({type(err).__name__}: {err}); continuing")
+
+    def _frame_interval_s(self) -> float | None:
+        rate = self.stats.frame_rate()
+        return 1.0 / rate if rate > 0 else None
+
+    # -- camera intake (executor thread; never waits for the model) ------------------------------------
+    def _on_image(self, msg: Image) -> None:
+        now = time.monotonic()
+        try:
+            check_image(msg.height, msg.width, msg.encoding, msg.step, len(msg.data))
+        except ImageError as err:
+            self._bad_frame(err.reason, str(err))
+            return
+        convert = partial(image_to_rgb, msg.height, msg.width, msg.encoding, msg.step, msg.data)
+        self._store(msg.header, msg.width, msg.height, convert, now)
+
+    def _on_compressed(self, msg: CompressedImage) -> None:
+        now = time.monotonic()
+        if len(msg.data) == 0:
+            self._bad_frame("decode", "compressed image is empty")
+            return
+        if "compressedDepth" in msg.format:
+            self._bad_frame("encoding", f"unsupported compressed format {msg.format!r}: depth images")
+            return
+        self._store(msg.header, 0, 0, partial(compressed_to_rgb, msg.format, msg.data), now)  # decoded on use
+
+    def _store(self, header: Header, width: int, height: int, convert, now: float) -> None:
+        frame = Frame(
+            stamp_ns=stamp_to_ns(header.stamp.sec, header.stamp.nanosec),
+            frame_id=clean_frame_id(header.frame_id),
+            received=now,
+            width=width,
+            height=height,
+            convert=convert,
+        )
+        self.buffer.push(frame)
+        self.stats.frame(now)
+        if self.worker is not None:
+            self.worker.frame_arrived()
+
+    def _bad_frame(self, reason: str, message: str) -> None:
+        self.stats.bad_frame(reason, message)
+        self.get_logger().warning(f"skipping camera frame: {message}", throttle_duration_sec=5.0)
+
+    # -- questions -------------------------------------------------------------------------------------
+    async def _ask_async(self, request: AskQuestion.Request, response: AskQuestion.Response):
+        """Single-threaded executor: queue the job and yield to the executor until the worker is done."""
+        received = time.perf_counter()
+        try:
+            job = self._admit(request, received)
+        except Refusal as refusal:
+            return self._refuse(response, refusal, received)
+        future: Future = Future()
+        job.on_done = lambda j: (future.set_result(j), self._wake.trigger())
+        try:
+            self.worker.submit(job)
+        except QueueFull as err:
+            return self._refuse(response, Refusal("busy", str(err)), received)
+        await future
+        return self._respond(response, job)
+
+    def _ask_blocking(self, request: AskQuestion.Request, response: AskQuestion.Response):
+        """MultiThreadedExecutor: the callback's thread waits for the worker."""
+        received = time.perf_counter()
+        try:
+            job = self._admit(request, received)
+            self.worker.submit(job)
+        except Refusal as refusal:
+            return self._refuse(response, refusal, received)
+        except QueueFull as err:
+            return self._refuse(response, Refusal("busy", str(err)), received)
+        job.done.wait()
+        return self._respond(response, job)
+
+    def _admit(self, request: AskQuestion.Request, received: float) -> Job:
+        """Check the request and pick its frame, or raise Refusal with a message the caller can act on."""
+        if not self._active or self.worker is None:
+            raise Refusal("inactive", f"the node is {self._state}, not active: activate it to ask questions")
+        question = request.question.strip()
+        if not question:
+            raise Refusal("bad_question", 'the question is empty; ask e.g. "Where is bipolar_forceps located?"')
+        limit = int(self.param("max_question_length"))
+        if len(question) > limit:
+            raise Refusal(
+                "bad_question",
+                f"the question has {len(question)} characters; the limit is {limit} (max_question_length)",
+            )
+        stamp_ns = stamp_to_ns(request.stamp.sec, request.stamp.nanosec)
+        try:
+            frame = self.buffer.select(
+                stamp_ns, float(self.param("stamp_tolerance_s")), float(self.param("max_frame_age_s"))
+            )
+        except FrameSelectionError as err:
+            raise Refusal(err.reason, str(err)) from None
+        job = Job(question=question, reasoning=bool(request.reasoning), frame=frame, received=received)
+        job.frame_age_ms = frame.age() * 1000.0
+        return job
+
+    def _refuse(self, response: AskQuestion.Response, refusal: Refusal, received: float) -> AskQuestion.Response:
+        response.success = False
+        response.error = str(refusal)
+        response.latency_ms = (time.perf_counter() - received) * 1000.0
+        self.stats.refusal(refusal.kind, response.error)
+        return response
+
+    def _respond(self, response: AskQuestion.Response, job: Job) -> AskQuestion.Response:
+        frame = job.frame
+        response.image_header = self._header(frame)
+        response.frame_age_ms = job.frame_age_ms
+        response.inference_ms = job.inference_ms
+        if job.error:
+            response.success = False
+            response.error = job.error
+            response.latency_ms = (time.perf_counter() - job.received) * 1000.0
+            self.stats.refusal(job.error_kind, job.error)
+            return response
+        ans = job.answer
+        box = getattr(ans, "box", None)
+        response.answer = getattr(ans, "answer", None) or ""
+        response.reasoning = getattr(ans, "reasoning", None) or ""
+        response.coherent = bool(getattr(ans, "coherent", False))
+        response.box = roi(box)
+        if response.answer:
+            response.success = True
+        else:
+            problems = "; ".join(getattr(ans, "problems", ()) or ()) or "empty answer"
+            response.success = False
+            response.error = f"the model gave no readable answer ({problems})"
+        response.latency_ms = (time.perf_counter() - job.received) * 1000.0
+        if response.success:
+            self.stats.answer(response.latency_ms, job.inference_ms)
+            threading.Thread(target=self._publish_answer, args=(job, response), daemon=True).start()
+        else:
+            self.stats.refusal("no_answer", response.error)
+        return response
+
+    def _header(self, frame: Frame) -> Header:
+        sec, nanosec = ns_to_stamp(frame.stamp_ns)
+        return Header(stamp=Time(sec=sec, nanosec=nanosec), frame_id=frame.frame_id)
+
+    def _publish_answer(self, job: Job, response: AskQuestion.Response) -> None:
+        """~/answers and ~/annotated_image, off the executor and after the response went out."""
+        try:
+            if self._answers_pub is not None:
+                self._answers_pub.publish(
+                    GroundedAnswer(
+                        header=response.image_header,
+                        question=job.question,
+                        answer=response.answer,
+                        reasoning=response.reasoning,
+                        box=response.box,
+                        coherent=response.coherent,
+                        latency_ms=response.latency_ms,
+                        inference_ms=response.inference_ms,
+                    )
+                )
+            pub = self._annotated_pub
+            if pub is not None and self.param("publish_annotated") and pub.get_subscription_count() > 0:
+                box = getattr(job.answer, "box", None)
+                drawn = draw_answer(job.frame.rgb(), job.question, response.answer, box, response.coherent)
+                height, width, encoding, step, data = rgb_to_image_fields(drawn)
+                pub.publish(
+                    Image(
+                        header=response.image_header,
+                        height=height,
+                        width=width,
+                        encoding=encoding,
+                        is_bigendian=0,
+                        step=step,
+                        data=data,
+                    )
+                )
+        except Exception as err:  # publishing after shutdown or cleanup
+            self.get_logger().debug(f"answer not published: {err}")
+
+    # -- diagnostics -----------------------------------------------------------------------------------
+    def _publish_diagnostics(self) -> None:
+        loaded = self.loaded
+        status = self.stats.status(
+            model=loaded.model if loaded else "(not loaded)",
+            backend=loaded.backend if loaded else str(self.param("backend")),
+            device=loaded.device if loaded else str(self.param("device")),
+            state=self._state,
+            max_frame_age_s=float(self.param("max_frame_age_s")),
+            queue_depth=self.worker.depth if self.worker else 0,
+        )
+        values = dict(status.values)
+        values["image_topic"] = self._subscribed_topic
+        if self.worker is not None:
+            values["encoded_ahead"] = str(self.worker.encoded_ahead)
+            values["encode_ms"] = "nan" if self.worker.encode_ms is None else f"{self.worker.encode_ms:.1f}"
+        msg = DiagnosticArray()
+        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.status.append(
+            DiagnosticStatus(
+                level=bytes([status.level]),
+                name=f"surgery_r1: {self.get_fully_qualified_name()}",
+                message=status.message,
+                hardware_id=values.get("model", ""),
+                values=[KeyValue(key=k, value=v) for k, v in values.items()],
+            )
+        )
+        with contextlib.suppress(Exception):
+            self._diag_pub.publish(msg)
+
+
+def roi(box) -> RegionOfInterest:
+    """x1, y1, x2, y2 pixels -> RegionOfInterest; a zero-size region when there is no box."""
+    if box is None:
+        return RegionOfInterest()
+    x1, y1, x2, y2 = (max(0, round(float(v))) for v in box)
+    return RegionOfInterest(x_offset=x1, y_offset=y1, width=max(0, x2 - x1), height=max(0, y2 - y1))
+
+
+def main(args: list[str] | None = None) -> int:
+    rclpy.init(args=args)
+    node = SurgeryR1Node()
+    if node.executor_kind == "multi":
+        executor = MultiThreadedExecutor(num_threads=int(node.param("max_queue")) + 3)
+    else:
+        executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    code = 0
+    try:
+        if node.param("autostart"):
+            if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+                node.trigger_activate()
+            else:
+                node.get_logger().error(
+                    "not configured: fix the parameters, then configure it through its lifecycle services "
+                    f"(e.g. `ros2 lifecycle set {node.get_fully_qualified_name()} configure`)"
+                )
+        else:
+            node.get_logger().info("autostart is false: waiting for a lifecycle manager to configure and activate")
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            node._release()
+        executor.shutdown(timeout_sec=1.0)
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
