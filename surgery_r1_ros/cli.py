@@ -10,7 +10,13 @@ import sys
 # Modules with a ``register(subparsers)`` function. They import their heavy dependencies lazily,
 # inside the command handlers, so `surgery-r1 --help` stays fast.
 COMMAND_MODULES = (
+    "surgery_r1_ros.training.commands",
     "surgery_r1_ros.data.commands",
+    "surgery_r1_ros.engine.commands",
+    "surgery_r1_ros.bag.commands",
+    "surgery_r1_ros.demo",
+    "surgery_r1_ros.export.commands",
+    "surgery_r1_ros.bench",
 )
 
 

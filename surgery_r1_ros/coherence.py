@@ -30,9 +30,7 @@ _CENTRE = {"centre", "center", "middle", "central"}
 _CENTRE_LEADS = {"the", "in", "at", "near", "to"}
 _WORD_RE = re.compile(r"[a-z]+")
 _SENTENCE_RE = re.compile(r"(?<=[.!?;])\s+|\n+")
-_INSTRUMENT_PATTERNS = {
-    name: re.compile(r"\b" + r"[\s_]+".join(name.split("_")) + r"\b", re.I) for name in INSTRUMENTS
-}
+_INSTRUMENT_PATTERNS = {name: re.compile(r"\b" + r"[\s_]+".join(name.split("_")) + r"\b", re.I) for name in INSTRUMENTS}
 # "suction" is both an instrument and a state; only count it as the instrument when a tool word follows
 # or it is not followed by a state word ("in suction", "performing suction" name the state).
 _STATE_USE_OF_SUCTION = re.compile(r"\b(?:in|performing|doing|applying|state\s+is)\s+suction\b", re.I)
