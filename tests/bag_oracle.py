@@ -12,23 +12,12 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from surgery_r1_ros.coherence import describe_position
+from surgery_r1_ros.engine.engine import GroundedAnswer
 from surgery_r1_ros.vocab import parse_question
-
-
-@dataclass(frozen=True)
-class OracleAnswer:
-    answer: str | None
-    reasoning: str | None
-    box: tuple[int, int, int, int] | None
-    coherent: bool
-    latency_ms: float
-    timings: dict = field(default_factory=dict)
-    problems: tuple[str, ...] = ()
 
 
 def frame_key(rgb: np.ndarray) -> str:
@@ -40,12 +29,12 @@ class OracleEngine:
         with open(os.environ["BAG_ORACLE_TABLE"]) as f:
             self.table = json.load(f)
 
-    def ask(self, question, image=None, stamp=None, reasoning=False, max_new_tokens=None) -> OracleAnswer:
+    def ask(self, question, image=None, stamp=None, reasoning=False, max_new_tokens=None) -> GroundedAnswer:
         start = time.perf_counter()
         time.sleep(0.01)
         known = self.table.get(frame_key(image), {}).get(question)
         if known is None:
-            return OracleAnswer("Idle", None, None, False, (time.perf_counter() - start) * 1e3)
+            return GroundedAnswer("Idle", None, None, False, (time.perf_counter() - start) * 1e3)
         answer, box = known
         box = tuple(round(v) for v in box)
         text = None
@@ -53,7 +42,7 @@ class OracleEngine:
             _, subject = parse_question(question)
             where = describe_position(box, (image.shape[1], image.shape[0]))
             text = f"The {subject or 'organ'} is in the {where} of the view. The answer is {answer}."
-        return OracleAnswer(answer, text, box, True, (time.perf_counter() - start) * 1e3)
+        return GroundedAnswer(answer, text, box, True, (time.perf_counter() - start) * 1e3)
 
     def close(self) -> None:
         self.table = {}

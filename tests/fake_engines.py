@@ -9,20 +9,10 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class FakeAnswer:
-    answer: str | None
-    reasoning: str | None
-    box: tuple[int, int, int, int] | None
-    coherent: bool
-    latency_ms: float
-    timings: dict = field(default_factory=dict)
-    problems: tuple[str, ...] = ()
+from surgery_r1_ros.engine.engine import GroundedAnswer
 
 
 class ScriptedEngine:
@@ -41,7 +31,7 @@ class ScriptedEngine:
             self.encoded.pop(next(iter(self.encoded)))
         return stamp
 
-    def ask(self, question, image=None, stamp=None, reasoning=False, max_new_tokens=None) -> FakeAnswer:
+    def ask(self, question, image=None, stamp=None, reasoning=False, max_new_tokens=None) -> GroundedAnswer:
         start = time.perf_counter()
         self.asked += 1
         if "explode" in question:
@@ -56,7 +46,7 @@ class ScriptedEngine:
         if reasoning:
             mean = ",".join(f"{v:.1f}" for v in image.reshape(-1, 3).mean(axis=0))
             text = f"The instrument is in the left-top. size {w}x{h} mean RGB {mean}"
-        return FakeAnswer("left-top", text, (0, 0, w // 2, h // 2), True, (time.perf_counter() - start) * 1000)
+        return GroundedAnswer("left-top", text, (0, 0, w // 2, h // 2), True, (time.perf_counter() - start) * 1000)
 
     def close(self) -> None:
         self.encoded.clear()
@@ -65,8 +55,8 @@ class ScriptedEngine:
 class SilentEngine(ScriptedEngine):
     """A model whose output had no readable answer (what an untrained model gives)."""
 
-    def ask(self, question, image=None, stamp=None, reasoning=False, max_new_tokens=None) -> FakeAnswer:
-        return FakeAnswer(None, None, None, False, 1.0, problems=("no <answer>...</answer>",))
+    def ask(self, question, image=None, stamp=None, reasoning=False, max_new_tokens=None) -> GroundedAnswer:
+        return GroundedAnswer(None, None, None, False, 1.0, problems=("no <answer>...</answer>",))
 
 
 class BrokenEngine:

@@ -288,3 +288,28 @@ def test_two_process_ddp_on_cpu(micro, tmp_path):
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
     assert (out / "final" / "model.safetensors").is_file()
+
+
+# -- image reliance ---------------------------------------------------------------------------------------------
+
+
+def test_image_reliance_compares_own_and_shuffled_frames(micro):
+    from surgery_r1_ros.data.mix import read_mix
+    from surgery_r1_ros.model import image_size, load_model
+    from surgery_r1_ros.training.dataset import sft_dataset
+    from surgery_r1_ros.training.reliance import image_reliance, teacher_forced_loss
+
+    records = read_mix(micro["mix"])
+    report = image_reliance(micro["model"], records, limit=12)
+    assert report["n"] == 12
+    assert report["gap"] == pytest.approx(report["loss_shuffled"] - report["loss_true"])
+    assert report["loss_true"] > 0 and report["gap"] != 0.0  # the frames really were swapped
+
+    # Rows that all share one frame: shuffling swaps nothing, so the loss is the same to the last bit.
+    loaded = load_model(micro["model"])
+    frame = records[0]["image"]
+    same = [r for r in records if r["image"] == frame and r["kind"] == "grounding"]
+    rows = [dict(r) for r in sft_dataset(same, image_size(loaded.processor))]
+    assert teacher_forced_loss(loaded, rows, False) == teacher_forced_loss(loaded, rows, True)
+    with pytest.raises(ValueError, match="two different frames"):
+        image_reliance(micro["model"], same)

@@ -7,7 +7,8 @@
 3. train a small BPE on the mix text and build a random-init Qwen2.5-VL normalised with the data's colours,
 4. SFT in phases (a curriculum: short grounding/VQA targets first, then chain of thought added),
 5. GRPO from the SFT result,
-6. evaluate untrained / SFT / SFT+GRPO on the test split (direct and reasoning prompts),
+6. evaluate untrained / SFT / SFT+GRPO on the test split (direct and reasoning prompts), and measure how
+   much each relies on the image (test loss with true vs shuffled frames),
 7. install the final weights in ``--out`` in place and write its model card.
 
 Stages record completion in ``<work>/stages.json``; ``--resume`` skips finished ones and resumes the
@@ -192,6 +193,16 @@ class Pipeline:
                 results[key]["report"] = str(out / "report.json")
         return results
 
+    def reliance(self, models: dict[str, str]) -> dict:
+        """Teacher-forced loss on the test split with true vs shuffled frames (training/reliance.py)."""
+        from surgery_r1_ros.data.mix import build_mix
+        from surgery_r1_ros.data.vqla import load_vqla
+
+        from .reliance import image_reliance
+
+        records = build_mix(load_vqla(self.test_data, "all"), seed=int(self.spec.get("seed", 0)))
+        return {label: image_reliance(folder, records) for label, folder in models.items()}
+
     def install(self) -> dict:
         from surgery_r1_ros.model import load_model, save_model
 
@@ -232,7 +243,9 @@ def run_builtin(out: str | Path, work: str | Path, config: str = "builtin_pipeli
             model = p.stage(phase, lambda ph=phase, m=model: p.train(ph, "sft", m, spec[ph]))["final"]
     sft_final = model
     rft = p.stage("rft", lambda: p.train("rft", "rft", sft_final, spec["rft"]))
-    p.stage("eval", lambda: p.evaluate({"untrained": init["folder"], "sft": sft_final, "sft_grpo": rft["final"]}))
+    models = {"untrained": init["folder"], "sft": sft_final, "sft_grpo": rft["final"]}
+    p.stage("eval", lambda: p.evaluate(models))
+    p.stage("reliance", lambda: p.reliance(models))
     p.stage("install", p.install)
     card = write_model_card(p, path, time.time() - started)
     return card

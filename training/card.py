@@ -22,6 +22,15 @@ def ablation_table(results: dict[str, dict], mode: str) -> str:
     return "\n".join(lines)
 
 
+def reliance_table(reliance: dict[str, dict]) -> str:
+    lines = ["| model | test loss, own frames | test loss, shuffled frames | gap | n |", "|---|---|---|---|---|"]
+    for key, label in ROWS:
+        r = reliance.get(key)
+        if r:
+            lines.append(f"| {label} | {r['loss_true']:.3f} | {r['loss_shuffled']:.3f} | {r['gap']:+.3f} | {r['n']} |")
+    return "\n".join(lines)
+
+
 def model_card(state: dict, spec: dict, config_path: Path, seconds: float, machine: str) -> str:
     init = state.get("init", {}).get("result", {})
     mix = state.get("mix", {}).get("result", {})
@@ -72,6 +81,12 @@ Direct answer (`<answer>` + `<box>`, the runtime's fast mode):
 With reasoning (`<think>` first):
 
 {ablation_table(results, "reason")}
+
+Does it look at the image? Teacher-forced loss on test grounding questions with each question's own frame
+and with frames shuffled between questions (`training/reliance.py`); a gap near 0 means the answers come
+from the text prior, not from the frame:
+
+{reliance_table(state.get("reliance", {}).get("result", {}))}
 
 Metric definitions: `training/evaluate.py` (and `definitions` in each report.json). `miou_legacy` is the
 Surgical-VQLA score, kept for comparison with published tables; `miou` is the true IoU.

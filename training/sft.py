@@ -30,7 +30,7 @@ from .dataset import ImageCache, SFTCollator, load_records, sft_dataset
 log = logging.getLogger(__name__)
 
 
-def build_sft_trainer(config: RunConfig, checkpoint: str | None = None, shuffle_images: bool = False, callbacks=()):
+def build_sft_trainer(config: RunConfig, checkpoint: str | None = None, callbacks=()):
     """The SFTTrainer for a config (also used by tests and diagnostics)."""
     from trl import SFTConfig, SFTTrainer
 
@@ -40,7 +40,7 @@ def build_sft_trainer(config: RunConfig, checkpoint: str | None = None, shuffle_
     model_size = image_size(processor)
     records = load_records(config.data)
     train = sft_dataset(records, model_size)
-    collator = SFTCollator(processor, ImageCache(), shuffle_images=shuffle_images, seed=config.data.seed)
+    collator = SFTCollator(processor, ImageCache(), seed=config.data.seed)
     settings = {
         **trainer_defaults(config),
         "dataset_kwargs": {"skip_prepare_dataset": True},  # the collator tokenizes
