@@ -294,10 +294,11 @@ def test_two_process_ddp_on_cpu(micro, tmp_path):
 
 
 def test_image_reliance_compares_own_and_shuffled_frames(micro):
-    from surgery_r1_ros.data.mix import read_mix
-    from surgery_r1_ros.model import image_size, load_model
     from surgery_r1_ros.training.dataset import sft_dataset
     from surgery_r1_ros.training.reliance import image_reliance, teacher_forced_loss
+
+    from surgery_r1_ros.data.mix import read_mix
+    from surgery_r1_ros.model import image_size, load_model
 
     records = read_mix(micro["mix"])
     report = image_reliance(micro["model"], records, limit=12)
