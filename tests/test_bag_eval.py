@@ -63,7 +63,8 @@ def test_eval_with_oracle_engine_start_and_running(tmp_path: Path, monkeypatch) 
     assert m["coherence_rate"] == 1.0
     assert m["frames_played"] == 36
     assert m["frames_received"] is not None and m["frames_received"] >= 34, m  # best effort may drop a first frame
-    assert m["latency_ms"]["p95"] < 2000
+    latency = m["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p95"] <= latency["max"], latency  # speed itself: benchmarks/, not tests
     for name in ("report.json", "report.md", "answers.jsonl", "answers.png"):
         assert (tmp_path / "start" / name).stat().st_size > 0
     report = json.loads((tmp_path / "start" / "report.json").read_text())
