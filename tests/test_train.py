@@ -314,3 +314,22 @@ def test_image_reliance_compares_own_and_shuffled_frames(micro):
     assert teacher_forced_loss(loaded, rows, False) == teacher_forced_loss(loaded, rows, True)
     with pytest.raises(ValueError, match="two different frames"):
         image_reliance(micro["model"], same)
+
+
+def test_model_card_tables_come_from_the_pipeline_records(tmp_path):
+    from surgery_r1_ros.training.card import model_card
+
+    row = {"n": 10, "accuracy": 0.5, "f_score": 0.25, "miou_legacy": 0.6, "miou": 0.3, "coherence_rate": None,
+           "format_rate": 1.0}  # fmt: skip
+    trainer = {"per_device_train_batch_size": 8, "learning_rate": 0.002}
+    config = {"stage": "sft", "data": {"kinds": ["vqa"]}, "trainer": trainer}
+    state = {
+        "sft_a": {"seconds": 120.0, "result": {"steps": 40, "config": config}},
+        "eval": {"result": {"sft_grpo/direct": row}},
+        "reliance": {"result": {"sft": {"n": 64, "loss_true": 0.8, "loss_shuffled": 1.1, "gap": 0.3}}},
+    }
+    card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", 600.0, "test-machine")
+    assert "| SFT + GRPO | 0.500 | 0.250 | 0.600 | 0.300 | - | 1.000 | 10 |" in card
+    assert "| SFT only | 0.800 | 1.100 | +0.300 | 64 |" in card
+    assert "| sft_a | sft | vqa | 40 | 8 | 0.002 | 2.0 |" in card
+    assert "10.0 min on test-machine" in card

@@ -46,6 +46,9 @@ REPORTED = (
 )
 
 
+TRAINING_STAGES = ("sft_a", "sft_b", "rft")
+
+
 class TimeBudget(TrainerCallback):
     """Stop (and save) a training stage once it has run ``seconds``; the stage then ends normally."""
 
@@ -215,11 +218,12 @@ class Pipeline:
             "metrics": self.state.get("eval", {}).get("result", {}),
         }
         save_model(loaded, self.out, info)
-        for name in ("loss.png", "rewards.png"):
-            for stage in ("sft_a", "sft_b", "rft"):
-                src = self.work / stage / name
-                if src.is_file():
-                    shutil.copy(src, self.out / f"{stage}_{name}")
+        # Learning curves travel with the weights as text (the only binary in git is the model itself);
+        # the plots stay in <work>/<stage>/ (loss.png, rewards.png).
+        for stage in TRAINING_STAGES:
+            src = self.work / stage / "metrics.csv"
+            if src.is_file():
+                shutil.copy(src, self.out / f"{stage}_metrics.csv")
         return {"out": str(self.out)}
 
 

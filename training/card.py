@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .builtin import TRAINING_STAGES
+
 COLUMNS = ("accuracy", "f_score", "miou_legacy", "miou", "coherence_rate", "format_rate")
 ROWS = (("untrained", "untrained (random init)"), ("sft", "SFT only"), ("sft_grpo", "SFT + GRPO"))
 
@@ -36,7 +38,7 @@ def model_card(state: dict, spec: dict, config_path: Path, seconds: float, machi
     mix = state.get("mix", {}).get("result", {})
     results = state.get("eval", {}).get("result", {})
     stages = []
-    for name in ("sft_a", "sft_b", "rft"):
+    for name in TRAINING_STAGES:
         s = state.get(name)
         if not s:
             continue
@@ -90,6 +92,9 @@ from the text prior, not from the frame:
 
 Metric definitions: `training/evaluate.py` (and `definitions` in each report.json). `miou_legacy` is the
 Surgical-VQLA score, kept for comparison with published tables; `miou` is the true IoU.
+
+Learning curves: `sft_a_metrics.csv`, `sft_b_metrics.csv`, `rft_metrics.csv` beside the weights (every
+logged loss, reward and learning rate); `make model` also plots them to `runs/builtin/<stage>/`.
 
 ## Reproduce
     make model            # = surgery-r1 train builtin --out surgery_r1_ros/resources/builtin_model
