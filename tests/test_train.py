@@ -328,7 +328,8 @@ def test_model_card_tables_come_from_the_pipeline_records(tmp_path):
         "eval": {"result": {"sft_grpo/direct": row}},
         "reliance": {"result": {"sft": {"n": 64, "loss_true": 0.8, "loss_shuffled": 1.1, "gap": 0.3}}},
     }
-    card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", 600.0, "test-machine")
+    state["synth"] = {"seconds": 480.0, "result": {}}
+    card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
     assert "| SFT + GRPO | 0.500 | 0.250 | 0.600 | 0.300 | - | 1.000 | 10 |" in card
     assert "| SFT only | 0.800 | 1.100 | +0.300 | 64 |" in card
     assert "| sft_a | sft | vqa | 40 | 8 | 0.002 | 2.0 |" in card

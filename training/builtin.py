@@ -237,7 +237,6 @@ def run_builtin(out: str | Path, work: str | Path, config: str = "builtin_pipeli
     path = find_config(config)
     spec = yaml.safe_load(path.read_text())
     p = Pipeline(Path(out), Path(work), spec, resume)
-    started = time.time()
     p.stage("synth", p.synth)
     p.stage("mix", p.write_mix)
     init = p.stage("init", p.init_model)
@@ -251,15 +250,14 @@ def run_builtin(out: str | Path, work: str | Path, config: str = "builtin_pipeli
     p.stage("eval", lambda: p.evaluate(models))
     p.stage("reliance", lambda: p.reliance(models))
     p.stage("install", p.install)
-    card = write_model_card(p, path, time.time() - started)
-    return card
+    return write_model_card(p, path)
 
 
-def write_model_card(p: Pipeline, config_path: Path, seconds: float) -> Path:
+def write_model_card(p: Pipeline, config_path: Path) -> Path:
     """README.md beside the weights: data, model, steps, time, the measured table, how to reproduce."""
     from .card import model_card
 
-    text = model_card(p.state, p.spec, config_path, seconds, platform.platform())
+    text = model_card(p.state, p.spec, config_path, platform.platform())
     card = p.out / "README.md"
     card.write_text(text)
     return card

@@ -33,7 +33,8 @@ def reliance_table(reliance: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def model_card(state: dict, spec: dict, config_path: Path, seconds: float, machine: str) -> str:
+def model_card(state: dict, spec: dict, config_path: Path, machine: str) -> str:
+    seconds = sum(s.get("seconds", 0.0) for s in state.values())
     init = state.get("init", {}).get("result", {})
     mix = state.get("mix", {}).get("result", {})
     results = state.get("eval", {}).get("result", {})
@@ -73,7 +74,8 @@ stand-in for a fine-tuned Qwen2.5-VL-3B/7B, not a surgical model.**
 |---|---|---|---|---|---|---|
 {chr(10).join(stages)}
 
-Total pipeline time: {seconds / 60:.1f} min on {machine}. Config: `{config_path.name}`.
+Total time of the stages: {seconds / 60:.1f} min on {machine} (a resumed stage counts its last run).
+Config: `{config_path.name}`.
 
 ## Results on the held-out synthetic test split
 Direct answer (`<answer>` + `<box>`, the runtime's fast mode):
