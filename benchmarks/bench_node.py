@@ -94,7 +94,9 @@ def direct_engine(engine, questions: int) -> dict:
     return summary(times)
 
 
-def through_node(backend: str, engine, executor: str, questions: int, env: dict, log_dir: Path) -> dict:
+def through_node(
+    backend: str, engine, executor: str, questions: int, env: dict, log_dir: Path, encode_ahead: bool = True
+) -> dict:
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.executors import SingleThreadedExecutor
@@ -109,6 +111,7 @@ def through_node(backend: str, engine, executor: str, questions: int, env: dict,
         "image_topic": topic,
         "max_new_tokens": MAX_NEW_TOKENS,
         "diagnostics_period_s": 0.5,
+        "encode_ahead": encode_ahead,
     }
     cmd = [sys.executable, "-m", "surgery_r1_ros.node.node", "--ros-args"]
     for k, v in params.items():
@@ -218,12 +221,14 @@ def main() -> int:
     parser.add_argument("--executors", nargs="+", default=list(EXECUTORS), choices=list(EXECUTORS))
     parser.add_argument("--questions", type=int, default=QUESTIONS)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--encode-ahead", choices=("on", "off"), default="on", help="the node's encode_ahead")
     args = parser.parse_args()
 
     results = {
         "setup": {
             "frames": f"{WIDTH}x{HEIGHT} rgb8 at {RATE:g} Hz (fake camera process, sensor-data QoS, SHM transport)",
             "questions": args.questions,
+            "encode_ahead": args.encode_ahead,
             "max_new_tokens": MAX_NEW_TOKENS,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start",
             "python": platform.python_version(),
@@ -242,7 +247,8 @@ def main() -> int:
                 engine = make_engine(backend)
                 for executor in args.executors:
                     print(f"[{name}] executor {executor}: engine alone, then through the node ...", flush=True)
-                    run = through_node(backend, engine, executor, args.questions, env, log_dir)
+                    ahead = args.encode_ahead == "on"
+                    run = through_node(backend, engine, executor, args.questions, env, log_dir, ahead)
                     results["runs"].append({"engine": name, "executor": executor, **run})
                 close = getattr(engine, "close", None)
                 if callable(close):
