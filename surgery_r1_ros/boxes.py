@@ -6,6 +6,18 @@ from collections.abc import Sequence
 
 Box = tuple[float, float, float, float]
 Size = tuple[int, int]  # (width, height)
+MIN_SIDE, MAX_SIDE = 64, 4096  # frame sizes the synthetic data and bag tools accept
+
+
+def parse_size(text: str) -> Size:
+    """``"1280x1024"`` -> ``(1280, 1024)``, each side within MIN_SIDE..MAX_SIDE pixels."""
+    try:
+        w, h = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size {text!r}: expected WIDTHxHEIGHT, e.g. 1280x1024") from None
+    if not (MIN_SIDE <= w <= MAX_SIDE and MIN_SIDE <= h <= MAX_SIDE):
+        raise ValueError(f"size {text!r}: width and height must be between {MIN_SIDE} and {MAX_SIDE}")
+    return w, h
 
 
 def as_box(values: Sequence[float]) -> Box:

@@ -95,12 +95,13 @@ class Pipeline:
 
     # -- stages -------------------------------------------------------------------------------------------
     def synth(self) -> dict:
+        from surgery_r1_ros.boxes import parse_size
         from surgery_r1_ros.data.synth import SynthOptions, generate_dataset
 
         out = {}
         for name, folder in (("train", self.train_data), ("test", self.test_data)):
             opts = dict(self.spec["synth"][name])
-            size = tuple(int(v) for v in str(opts.pop("size")).lower().split("x"))
+            size = parse_size(opts.pop("size"))
             workers = int(opts.pop("workers", 2))
             if folder.exists():
                 shutil.rmtree(folder)

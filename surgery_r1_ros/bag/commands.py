@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 from surgery_r1_ros.bag.synth import DEFAULT_SIZE, DVRK_SIZE, NAMESPACE
+from surgery_r1_ros.boxes import parse_size
 
 _SIZE_HELP = (
     f"frame size WxH (default {DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]}; the real dVRK HD endoscope is "
@@ -177,14 +178,6 @@ def _add_play_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip (with a warning) topics whose message package is not installed, instead of failing",
     )
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 640x512") from None
-    return w, h
 
 
 def parse_remap(items: list[str], flag: str = "--remap", form: str = "FROM:=TO") -> dict[str, str]:

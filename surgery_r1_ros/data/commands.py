@@ -55,24 +55,15 @@ def _load(args: argparse.Namespace):
     return dataset
 
 
-def _parse_size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 1280x1024") from None
-    if not (64 <= w <= 4096 and 64 <= h <= 4096):
-        raise ValueError(f"--size {text!r}: width and height must be between 64 and 4096")
-    return w, h
-
-
 def _synth(args: argparse.Namespace) -> int:
+    from surgery_r1_ros.boxes import parse_size
     from surgery_r1_ros.data.synth import SynthOptions, generate_dataset
 
     options = SynthOptions(
         sequences=args.sequences,
         frames_per_sequence=args.frames_per_sequence,
         seed=args.seed,
-        size=_parse_size(args.size),
+        size=parse_size(args.size),
         test_fraction=args.test_fraction,
         difficulty=args.difficulty,
     )
