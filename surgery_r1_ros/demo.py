@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from surgery_r1_ros.bag.commands import parse_size
+    from surgery_r1_ros.boxes import parse_size
 
     options = DemoOptions(
         out=args.out,
@@ -155,6 +155,7 @@ def run_demo(options: DemoOptions | None = None) -> DemoResult:
     for stale in ("frames", "bag", "logs"):
         shutil.rmtree(out / stale, ignore_errors=True)
     shm_before = shm_snapshot()
+    children_before = set(_child_pids())  # e.g. a multiprocessing resource tracker of the caller
     workdir = Path(tempfile.mkdtemp(prefix="surgery_r1_demo_"))
     try:
         bag = workdir / "bag"
@@ -199,7 +200,7 @@ def run_demo(options: DemoOptions | None = None) -> DemoResult:
     if result.node_log is not None:
         print(f"  node log: {result.node_log}")
 
-    leftovers = [f"process {pid} still running" for pid in _child_pids()]
+    leftovers = [f"process {pid} still running" for pid in _child_pids() if pid not in children_before]
     leftovers += [f"/dev/shm/{name} left behind" for name in leftover_shm(shm_before)]
     elapsed = time.monotonic() - started
     if leftovers:
