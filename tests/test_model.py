@@ -83,6 +83,23 @@ def test_processor_resizes_to_one_fixed_size(built, shape):
     assert batch["mm_token_type_ids"].sum().item() == 80
 
 
+def test_numpy_pixel_values_equal_the_processors(built):
+    """The fast path (training loader, runtime) and the processor give the same patches at the model's size."""
+    from surgery_r1_ros.model.processor import pixel_values_from_array
+
+    w, h = image_size(built.processor)
+    image = _image(h, w, seed=3)
+    reference = built.processor.image_processor(images=[image], return_tensors="np")["pixel_values"]
+    fast = pixel_values_from_array(image, built.processor)
+    assert fast.shape == reference.shape == ((h // 14) * (w // 14), 3 * 2 * 14 * 14)
+    np.testing.assert_allclose(fast, reference, atol=1e-5)
+    # another size is resized to the model's: same shape, and close to the processor's (different resampler)
+    big = np.repeat(np.repeat(image, 2, axis=0), 2, axis=1)
+    assert pixel_values_from_array(big, built.processor).shape == reference.shape
+    with pytest.raises(ValueError, match="RGB uint8"):
+        pixel_values_from_array(image[..., 0], built.processor)
+
+
 def test_prompt_puts_the_image_before_the_question(built):
     batch = encode_prompt(built.processor, [_image(50, 60)], [QUESTION], PromptMode.REASON)
     text = built.processor.tokenizer.decode(batch["input_ids"][0])

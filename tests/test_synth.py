@@ -53,6 +53,32 @@ def test_layout_is_endovis18_and_loads(synth_root):
     assert image.shape == (SIZE[1], SIZE[0], 3)
 
 
+def test_dense_truth_matches_the_label_boxes(synth_root):
+    """Every label box is the bounding box of its instrument's pixels in the dense mask, except where a tool
+    drawn in front hides part of it (the label box, like EndoVis, is the whole visible instrument)."""
+    from surgery_r1_ros.data.synth import DENSE_DIR, ORGAN_LABEL
+
+    checked = occluded = 0
+    for mask_path in sorted(synth_root.glob(f"seq_*/vqla/{DENSE_DIR}/*.png")):
+        mask = cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED)
+        record = json.loads(mask_path.with_suffix(".json").read_text())
+        labels = (mask_path.parents[1] / "label" / f"{mask_path.stem}.txt").read_text().splitlines()
+        assert mask.shape == (SIZE[1], SIZE[0]) and mask.dtype == np.uint8 and mask.max() <= ORGAN_LABEL
+        assert record["mask_values"][str(ORGAN_LABEL)] == "kidney"
+        for inst in record["instruments"]:
+            assert f"What is the state of {inst['name']}?|{inst['state']}|" + ",".join(map(str, inst["box"])) in labels
+            ys, xs = np.nonzero(mask == INSTRUMENTS.index(inst["name"]) + 1)
+            found = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+            if max(abs(a - b) for a, b in zip(found, inst["box"], strict=True)) <= 2:  # rasterisation
+                checked += 1
+            else:  # hidden behind another tool: its pixels lie inside the box, and another tool covers the rest
+                x1, y1, x2, y2 = inst["box"]
+                assert x1 - 2 <= found[0] and y1 - 2 <= found[1] and found[2] <= x2 + 2 and found[3] <= y2 + 2
+                assert len(record["instruments"]) > 1
+                occluded += 1
+    assert checked >= 10 and occluded <= checked // 4
+
+
 def test_every_label_line_is_valid(synth_root):
     for frame in load_vqla(synth_root, "all").frames:
         organ = [qa for qa in frame.qas if qa.kind is QuestionKind.ORGAN]

@@ -35,7 +35,10 @@ STATE_CUES: dict[str, tuple[str, ...]] = {
     "Idle": ("its jaws are closed and it rests away from the tissue", "it is not touching anything"),
     "Grasping": ("its jaws are closed on a fold of tissue", "it holds tissue pinched between its jaws"),
     "Retraction": ("it lifts a flap of tissue aside", "the tissue beside it is pulled back and stretched"),
-    "Tissue_Manipulation": ("its tip presses into the tissue and dents it", "the tissue is pushed and deformed at its tip"),
+    "Tissue_Manipulation": (
+        "its tip presses into the tissue and dents it",
+        "the tissue is pushed and deformed at its tip",
+    ),
     "Tool_Manipulation": ("its jaws hold a small metal object", "it is handling an object, not tissue"),
     "Cutting": ("its blades are open over a fresh cut line", "a cut line opens in the tissue between its blades"),
     "Cauterization": ("smoke rises from a charred spot at its tip", "a burn mark and a plume of smoke sit at its tip"),

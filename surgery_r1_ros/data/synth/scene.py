@@ -24,6 +24,8 @@ DEFAULT_SIZE = (1280, 1024)
 DIFFICULTIES = ("easy", "normal", "hard")
 
 PixelBox = tuple[int, int, int, int]
+# Dense truth (``FrameTruth.mask``): 0 tissue, 1..8 the instrument of that vocabulary index + 1, ORGAN_LABEL organ.
+ORGAN_LABEL = len(INSTRUMENTS) + 1
 IDLE_WEIGHT = 0.6  # Idle is picked less often than each working state (tools also idle while entering/leaving)
 
 
@@ -68,6 +70,9 @@ class FrameTruth:
     organ: str
     organ_box: PixelBox
     instruments: list[InstrumentTruth] = field(default_factory=list)
+    # (h, w) uint8: which instrument (vocabulary index + 1) or the organ (ORGAN_LABEL) each pixel shows, 0 tissue.
+    # Instruments are painted in depth order, so a tool in front hides the one behind (its label box does not).
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def qas(self) -> list[tuple[str, str, PixelBox]]:
         """``(question, answer, box)``: the organ question, then state and location per instrument."""
@@ -80,6 +85,21 @@ class FrameTruth:
     def qa_lines(self) -> list[str]:
         """The label file's lines: ``question|answer|x1,y1,x2,y2``."""
         return [f"{q}|{a}|{b[0]},{b[1]},{b[2]},{b[3]}" for q, a, b in self.qas()]
+
+    def dense_record(self) -> dict:
+        """The dense sidecar's JSON: what each mask value means and every instrument's state, box and tip."""
+        return {
+            "size": list(self.size),
+            "mask_values": {"0": "tissue", str(ORGAN_LABEL): self.organ}
+            | {str(i + 1): name for i, name in enumerate(INSTRUMENTS)},
+            "organ": self.organ,
+            "organ_box": list(self.organ_box),
+            "instruments": [
+                {"name": t.name, "state": t.state, "box": list(t.box), "quadrant": t.quadrant,
+                 "tip": [round(t.tip[0], 2), round(t.tip[1], 2)]}
+                for t in self.instruments
+            ],
+        }  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,7 +440,19 @@ class _Scene:
                 int(np.ceil(organ_box[3])),
             )
         )
-        return frame, FrameTruth(self.frame_index, self.size, self.bg.organ, organ_px, truths)
+        mask = self._dense_mask(pens, offset)
+        return frame, FrameTruth(self.frame_index, self.size, self.bg.organ, organ_px, truths, mask)
+
+    def _dense_mask(self, pens, offset: tuple[int, int]) -> np.ndarray:
+        """Per-pixel truth: the organ polygon, then each tool's body polygons in drawing (depth) order."""
+        w, h = self.size
+        mask = np.zeros((h, w), np.uint8)
+        organ = self.bg.organ_polygon - np.asarray(offset, np.float64)
+        cv2.fillPoly(mask, [to_fixed(organ)], ORGAN_LABEL, cv2.LINE_8, SHIFT)
+        for tool, pen, _ in pens:
+            label = INSTRUMENTS.index(tool.name) + 1
+            cv2.fillPoly(mask, [to_fixed(p) for p in pen.body], label, cv2.LINE_8, SHIFT)
+        return mask
 
     def _shadows(self, frame: np.ndarray, pens) -> None:
         """Soft shadows under the tools, drawn at quarter resolution: far when hovering, near on contact."""

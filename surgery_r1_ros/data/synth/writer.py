@@ -20,7 +20,9 @@ from surgery_r1_ros.data.synth.scene import DEFAULT_SIZE, DIFFICULTIES, render_s
 
 MARKER = "synth.json"  # marks a folder as this generator's output (so it may be overwritten)
 GENERATOR = "surgery_r1_ros.data.synth"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: dense ground truth beside the labels
+# Sidecar beside vqla/label/: frameNNN.png (FrameTruth.mask) and frameNNN.json (FrameTruth.dense_record()).
+DENSE_DIR = "dense"
 
 
 @dataclass(frozen=True)
@@ -136,8 +138,9 @@ def _write_sequence(job: tuple[Path, str, int, SynthOptions, bool]) -> tuple[int
     cv2.setNumThreads(1)
     frames_dir = out / name / "left_frames"
     label_dir = out / name / "vqla" / "label"
-    frames_dir.mkdir(parents=True, exist_ok=True)
-    label_dir.mkdir(parents=True, exist_ok=True)
+    dense_dir = out / name / "vqla" / DENSE_DIR
+    for folder in (frames_dir, label_dir, dense_dir):
+        folder.mkdir(parents=True, exist_ok=True)
     digits = max(3, len(str(options.frames_per_sequence - 1)))
     qa_pairs, answers = 0, Counter()
     stream = render_sequence(
@@ -148,6 +151,8 @@ def _write_sequence(job: tuple[Path, str, int, SynthOptions, bool]) -> tuple[int
         write_png(frames_dir / f"{stem}.png", frame)
         lines = truth.qa_lines()
         (label_dir / f"{stem}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        cv2.imwrite(str(dense_dir / f"{stem}.png"), truth.mask)
+        (dense_dir / f"{stem}.json").write_text(json.dumps(truth.dense_record()) + "\n", encoding="utf-8")
         qa_pairs += len(lines)
         answers.update(a for _, a, _ in truth.qas())
         if progress is not None:
@@ -158,7 +163,8 @@ def _write_sequence(job: tuple[Path, str, int, SynthOptions, bool]) -> tuple[int
 def generate_dataset(out: str | Path, options: SynthOptions, workers: int = 1) -> SynthReport:
     """Render ``options.sequences`` continuous sequences into ``out`` (EndoVis-18-VQLA layout).
 
-    Writes ``seq_N/left_frames/frameNNN.png``, ``seq_N/vqla/label/frameNNN.txt``, ``splits.json``
+    Writes ``seq_N/left_frames/frameNNN.png``, ``seq_N/vqla/label/frameNNN.txt``, the dense ground truth
+    ``seq_N/vqla/dense/frameNNN.png`` + ``.json`` (a sidecar real EndoVis lacks; loaders ignore it), ``splits.json``
     and ``synth.json`` (the options; it lets a later run overwrite this folder). The output depends
     only on the options, not on ``workers``.
     """
