@@ -323,14 +323,117 @@ def test_model_card_tables_come_from_the_pipeline_records(tmp_path):
            "format_rate": 1.0}  # fmt: skip
     trainer = {"per_device_train_batch_size": 8, "learning_rate": 0.002}
     config = {"stage": "sft", "data": {"kinds": ["vqa"]}, "trainer": trainer}
+    predictions = tmp_path / "eval" / "predictions.jsonl"
+    predictions.parent.mkdir()
+    predictions.write_text("\n".join(json.dumps(r) for r in [
+        {"question": "What organ is being operated?", "answer": "kidney", "predicted": "kidney"},
+        {"question": "Where is suction located?", "answer": "left-top", "predicted": "left-top"},
+        {"question": "Where is suction located?", "answer": "left-top", "predicted": "right-top"},
+    ]))  # fmt: skip
+    swapped = {**row, "accuracy": 0.2, "miou": 0.1}
+    dense = {"cover_acc": 0.9, "cover_majority": 0.6, "pos_mae": 0.05}
     state = {
-        "sft_a": {"seconds": 120.0, "result": {"steps": 40, "config": config}},
-        "eval": {"result": {"sft_grpo/direct": row}},
+        "vision": {"seconds": 60.0, "result": {"steps": 30, "config": {"trainer": trainer},
+                                               "before": {"cover_acc": 0.1, "pos_mae": 0.3}, "after": dense}},
+        "sft_a": {"seconds": 120.0, "result": {"steps": 40, "config": {**config, "freeze_vision": True}}},
+        "eval": {"result": {"sft_grpo/direct": {**row, "report": str(predictions.parent / "report.json")},
+                            "sft_grpo/direct/swapped": swapped}},
         "reliance": {"result": {"sft": {"n": 64, "loss_true": 0.8, "loss_shuffled": 1.1, "gap": 0.3}}},
-    }
+    }  # fmt: skip
     state["synth"] = {"seconds": 480.0, "result": {}}
     card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
     assert "| SFT + GRPO | 0.500 | 0.250 | 0.600 | 0.300 | - | 1.000 | 10 |" in card
     assert "| SFT only | 0.800 | 1.100 | +0.300 | 64 |" in card
-    assert "| sft_a | sft | vqa | 40 | 8 | 0.002 | 2.0 |" in card
-    assert "10.0 min on test-machine" in card
+    assert "| sft_a | sft (vision frozen) | vqa | 40 | 8 | 0.002 | 2.0 |" in card
+    assert "| vision | dense (Trainer) | dense ground truth | 30 | 8 | 0.002 | 1.0 |" in card
+    assert "| cover accuracy | 0.100 | 0.900 | 0.600 |" in card
+    assert "| SFT + GRPO, direct | 1.000 | - | 0.500 |" in card  # organ, state, location
+    assert "| frames of another sequence | 0.200 | -0.300 | 0.100 | -0.200 | 10 |" in card
+    assert "11.0 min on test-machine" in card
+
+
+# -- stage 0: vision pre-training ---------------------------------------------------------------------------------
+
+
+def test_cell_targets_follow_the_dense_mask():
+    import numpy as np
+    from surgery_r1_ros.training.vision_pretrain import CELL, IGNORE, cell_targets
+
+    from surgery_r1_ros.vocab import INSTRUMENTS, QUADRANTS, STATES
+
+    size = (3 * CELL, 2 * CELL)  # 3 x 2 cells
+    mask = np.zeros((size[1], size[0]), np.uint8)
+    mask[:CELL, :CELL] = INSTRUMENTS.index("suction") + 1  # top-left cell: the suction tube
+    mask[CELL:, 2 * CELL :] = 9  # bottom-right cell: organ
+    record = {
+        "size": [size[0] * 2, size[1] * 2],  # the record is in pixels of a frame twice the model's size
+        "instruments": [{"name": "suction", "state": "Suction", "box": [0, 0, 2 * CELL, 2 * CELL],
+                         "quadrant": "left-top", "tip": [CELL, CELL]}],
+    }  # fmt: skip
+    t = cell_targets(mask, record, size)
+    suction = INSTRUMENTS.index("suction") + 1
+    assert t["cover"].tolist() == [suction, 0, 0, 0, 0, 0]
+    assert t["organ"].tolist() == [0, 0, 0, 0, 0, 1]
+    assert t["tip"][0] == suction and t["tip"][5] == 0  # the tip (at 14, 14 model px) is near cell 0 only
+    assert t["state"][0] == STATES.index("Suction") and t["state"][5] == IGNORE
+    assert t["quadrant"].tolist() == [QUADRANTS.index("left-top")] + [IGNORE] * 5
+    np.testing.assert_allclose(t["box"][0], [0, 0, 1 / 3, 1 / 2])
+    np.testing.assert_allclose(t["pos"][4], [(1 + 0.5) / 3, (1 + 0.5) / 2])
+
+
+def test_vision_pretraining_trains_the_tower_and_saves_a_plain_model(micro, tmp_path):
+    """A few steps on a micro config: only the vision tower changes, and the head is not saved."""
+    from safetensors.torch import load_file
+    from surgery_r1_ros.training.vision_pretrain import run_vision_pretrain
+
+    from surgery_r1_ros.model import load_model
+
+    trainer = {"max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1,
+               "save_steps": 2, "disable_tqdm": True}  # fmt: skip
+    result = run_vision_pretrain(micro["model"], micro["data"], micro["data"], tmp_path / "vision", trainer)
+    assert result["steps"] == 3 and set(result["after"]) >= {"cover_acc", "state_acc", "pos_mae"}
+    before = load_file(Path(micro["model"]) / "model.safetensors")
+    after = load_file(Path(result["final"]) / "model.safetensors")
+    assert set(before) == set(after)  # same tensors: no head in the saved model
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("visual" in k for k in changed)
+    assert type(load_model(result["final"]).model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert (tmp_path / "vision" / "metrics.csv").is_file()
+
+
+def test_reliance_gate_fails_a_model_fed_constant_image_tokens(micro, tmp_path):
+    """With the merger's output zeroed every frame becomes the same tokens: the gate must stop the stage."""
+    from surgery_r1_ros.training.reliance import RelianceError, require_reliance
+
+    from surgery_r1_ros.data.mix import read_mix
+    from surgery_r1_ros.model import load_model, save_model
+
+    loaded = load_model(micro["model"])
+    with torch.no_grad():
+        last = loaded.model.model.visual.merger.mlp[-1]
+        last.weight.zero_()
+        last.bias.fill_(0.5)
+    blind = save_model(loaded, tmp_path / "blind")
+    records = read_mix(micro["mix"])
+    with pytest.raises(RelianceError, match="barely uses the image"):
+        require_reliance(blind, records, min_gap=1e-6, stage="sft_a", limit=12)
+    # the unmodified model's frames do change its loss, so the same gate at a tiny threshold passes
+    assert require_reliance(micro["model"], records, min_gap=1e-9, stage="sft_a", limit=12)["gap"] > 0
+
+
+def test_eval_frame_variants(micro):
+    import numpy as np
+    from surgery_r1_ros.training.augment import augment, degrade
+    from surgery_r1_ros.training.evaluate import generate, items_of, swapped_frames
+
+    items = items_of(micro["data"], "all")
+    mapping = swapped_frames(items)
+    assert set(mapping) == {i.image_path for i in items}
+    assert all(Path(a).parents[1] != Path(b).parents[1] for a, b in mapping.items())  # another sequence
+    image = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    assert np.array_equal(degrade(image, seed=1), degrade(image, seed=1))
+    assert degrade(image).mean() < image.mean()  # darker
+    varied = augment(image, np.random.default_rng(0))
+    assert varied.shape == image.shape and varied.dtype == np.uint8 and not np.array_equal(varied, image)
+    with pytest.raises(ValueError, match="frames must be one of"):
+        generate(None, items, None, frames="mirrored")

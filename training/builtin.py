@@ -5,11 +5,16 @@
 1. synthesize a train set and a held-out test set (different seeds, so unseen scenes),
 2. write the training mix (VQA, grounding, chain of thought),
 3. train a small BPE on the mix text and build a random-init Qwen2.5-VL normalised with the data's colours,
-4. SFT in phases (a curriculum: short grounding/VQA targets first, then chain of thought added),
-5. GRPO from the SFT result,
-6. evaluate untrained / SFT / SFT+GRPO on the test split (direct and reasoning prompts), and measure how
-   much each relies on the image (test loss with true vs shuffled frames),
-7. install the final weights in ``--out`` in place and write its model card.
+4. stage 0, vision pre-training: the vision tower learns the renderer's dense ground truth (what covers each
+   image token's cell, which tool's tip is there and in what state, where the cell is) with a training-only
+   head (``vision_pretrain.py``), the part a real Qwen2.5-VL brings from its own pre-training,
+5. SFT in phases (a curriculum: short grounding/VQA targets first, then chain of thought added), the vision
+   tower frozen, each phase gated on image reliance (it fails loudly when the frame stops mattering),
+6. GRPO from the SFT result,
+7. evaluate untrained / SFT / SFT+GRPO on the test split (direct and reasoning prompts), the final model also
+   with frames swapped across sequences and with degraded frames, and measure how much each stage relies on
+   the image (test loss with true vs shuffled frames),
+8. install the final weights in ``--out`` in place and write its model card.
 
 Stages record completion in ``<work>/stages.json``; ``--resume`` skips finished ones and resumes the
 current training stage from its last checkpoint. Knobs live in ``training/configs/builtin_pipeline.yaml``.
@@ -46,7 +51,7 @@ REPORTED = (
 )
 
 
-TRAINING_STAGES = ("sft_a", "sft_b", "rft")
+TRAINING_STAGES = ("vision", "sft_a", "sft_b", "rft")
 
 
 class TimeBudget(TrainerCallback):
@@ -148,9 +153,24 @@ class Pipeline:
         return {"folder": str(folder), "image_mean": mean, "image_std": std, "parameters": params,
                 "vocab": len(loaded.processor.tokenizer), "dims": dims}  # fmt: skip
 
+    def pretrain_vision(self, model: str, spec: dict) -> dict:
+        from .vision_pretrain import run_vision_pretrain
+
+        spec = dict(spec)
+        budget = spec.pop("time_budget_minutes", None)
+        timer = TimeBudget(budget * 60 if budget else None)
+        folder = self.work / "vision"
+        resume = self.resume and folder.is_dir()
+        if not resume and folder.exists():
+            shutil.rmtree(folder)
+        result = run_vision_pretrain(model, self.train_data, self.test_data, folder, dict(spec.get("trainer") or {}),
+                                     resume=resume, callbacks=[timer], seed=int(self.spec.get("seed", 0)))  # fmt: skip
+        return {**result, "stopped_by_time": timer.stopped_at, "config": spec}
+
     def train(self, name: str, stage: str, model: str, spec: dict) -> dict:
         spec = dict(spec)
         budget = spec.pop("time_budget_minutes", None)
+        min_gap = spec.pop("min_reliance_gap", None)
         raw = {
             "stage": stage,
             "model": model,
@@ -172,39 +192,51 @@ class Pipeline:
 
             final = run_rft(config, resume=resume, callbacks=[timer])
         trainer_state = _last_state(self.work / name)
-        return {"final": str(final), "steps": trainer_state.get("global_step"), "stopped_by_time": timer.stopped_at,
-                "config": config.to_dict()}  # fmt: skip
+        result = {"final": str(final), "steps": trainer_state.get("global_step"), "stopped_by_time": timer.stopped_at,
+                  "config": config.to_dict()}  # fmt: skip
+        if min_gap is not None:
+            from .reliance import require_reliance
 
-    def evaluate(self, models: dict[str, str]) -> dict:
-        from .evaluate import evaluate, summary
+            result["reliance"] = require_reliance(final, self.test_records(), float(min_gap), stage=name)
+        return result
+
+    def test_records(self) -> list[dict]:
+        """The held-out split as mix records (for the image-reliance measurements)."""
+        from surgery_r1_ros.data.mix import build_mix
+        from surgery_r1_ros.data.vqla import load_vqla
+
+        return build_mix(load_vqla(self.test_data, "all"), seed=int(self.spec.get("seed", 0)))
+
+    def evaluate(self, models: dict[str, str], final: str) -> dict:
+        """Every model in both modes on the test split; ``final`` also on swapped and degraded frames (direct)."""
+        from .evaluate import FRAME_VARIANTS, evaluate, summary
 
         spec = self.spec.get("eval", {})
         results: dict[str, Any] = {}
-        for label, folder in models.items():
-            for reasoning in (False, True):
-                key = f"{label}/{'reason' if reasoning else 'direct'}"
-                out = self.work / "eval" / label / ("reason" if reasoning else "direct")
-                limit = spec.get("reason_max_new_tokens") if reasoning else None
-                if label == "untrained":
-                    limit = spec.get("untrained_max_new_tokens", limit)
-                report = evaluate(
-                    folder, self.test_data, "all", out, reasoning=reasoning,
-                    batch_size=int(spec.get("batch_size", 32)), max_new_tokens=limit,
-                    limit=spec.get("reason_limit") if reasoning else None,
-                )  # fmt: skip
-                log.info("%s: %s", key, summary(report))
-                results[key] = {k: report[k] for k in REPORTED}
-                results[key]["report"] = str(out / "report.json")
+        runs = [(label, folder, reasoning, "own") for label, folder in models.items() for reasoning in (False, True)]
+        runs += [(final, models[final], False, variant) for variant in FRAME_VARIANTS if variant != "own"]
+        for label, folder, reasoning, frames in runs:
+            mode = "reason" if reasoning else "direct"
+            key = f"{label}/{mode}" + ("" if frames == "own" else f"/{frames}")
+            out = self.work / "eval" / label / (mode if frames == "own" else f"{mode}_{frames}")
+            limit = spec.get("reason_max_new_tokens") if reasoning else None
+            if label == "untrained":
+                limit = spec.get("untrained_max_new_tokens", limit)
+            report = evaluate(
+                folder, self.test_data, "all", out, reasoning=reasoning,
+                batch_size=int(spec.get("batch_size", 32)), max_new_tokens=limit,
+                limit=spec.get("reason_limit") if reasoning else None, frames=frames,
+            )  # fmt: skip
+            log.info("%s: %s", key, summary(report))
+            results[key] = {k: report[k] for k in REPORTED if k in report}
+            results[key]["report"] = str(out / "report.json")
         return results
 
     def reliance(self, models: dict[str, str]) -> dict:
         """Teacher-forced loss on the test split with true vs shuffled frames (training/reliance.py)."""
-        from surgery_r1_ros.data.mix import build_mix
-        from surgery_r1_ros.data.vqla import load_vqla
-
         from .reliance import image_reliance
 
-        records = build_mix(load_vqla(self.test_data, "all"), seed=int(self.spec.get("seed", 0)))
+        records = self.test_records()
         return {label: image_reliance(folder, records) for label, folder in models.items()}
 
     def install(self) -> dict:
@@ -215,7 +247,7 @@ class Pipeline:
         info = {
             "trained": True,
             "kind": "builtin",
-            "pipeline": "surgery-r1 train builtin (synth -> mix -> SFT -> GRPO)",
+            "pipeline": "surgery-r1 train builtin (synth -> mix -> vision pre-training -> SFT -> GRPO)",
             "metrics": self.state.get("eval", {}).get("result", {}),
         }
         save_model(loaded, self.out, info)
@@ -242,14 +274,18 @@ def run_builtin(out: str | Path, work: str | Path, config: str = "builtin_pipeli
     p.stage("mix", p.write_mix)
     init = p.stage("init", p.init_model)
     model = init["folder"]
+    models = {"untrained": model}
+    if "vision" in spec:
+        model = p.stage("vision", lambda: p.pretrain_vision(init["folder"], spec["vision"]))["final"]
+        models["vision"] = model
     for phase in ("sft_a", "sft_b"):
         if phase in spec:
             model = p.stage(phase, lambda ph=phase, m=model: p.train(ph, "sft", m, spec[ph]))["final"]
     sft_final = model
     rft = p.stage("rft", lambda: p.train("rft", "rft", sft_final, spec["rft"]))
-    models = {"untrained": init["folder"], "sft": sft_final, "sft_grpo": rft["final"]}
-    p.stage("eval", lambda: p.evaluate(models))
-    p.stage("reliance", lambda: p.reliance(models))
+    answering = {"untrained": init["folder"], "sft": sft_final, "sft_grpo": rft["final"]}
+    p.stage("eval", lambda: p.evaluate(answering, final="sft_grpo"))
+    p.stage("reliance", lambda: p.reliance({**models, "sft": sft_final, "sft_grpo": rft["final"]}))
     p.stage("install", p.install)
     return write_model_card(p, path)
 

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
+
+from surgery_r1_ros import metrics
+from surgery_r1_ros.vocab import QuestionKind, parse_question
 
 from .builtin import TRAINING_STAGES
 
 COLUMNS = ("accuracy", "f_score", "miou_legacy", "miou", "coherence_rate", "format_rate")
 ROWS = (("untrained", "untrained (random init)"), ("sft", "SFT only"), ("sft_grpo", "SFT + GRPO"))
+RELIANCE_ROWS = (("untrained", "untrained (random init)"), ("vision", "after stage 0 (LM untrained)"), *ROWS[1:])
+FRAMES = (("own", "own frames"), ("swapped", "frames of another sequence"), ("degraded", "degraded frames"))
+DENSE = ("cover", "tool_cover", "tip", "state", "quadrant")
 
 
 def _fmt(v: Any) -> str:
@@ -24,9 +31,57 @@ def ablation_table(results: dict[str, dict], mode: str) -> str:
     return "\n".join(lines)
 
 
+def accuracy_by_kind(report: str | Path) -> dict[str, float]:
+    """Accuracy per question type (organ, state, location) from an evaluation's ``predictions.jsonl``."""
+    rows = [json.loads(line) for line in (Path(report).parent / "predictions.jsonl").read_text().splitlines()]
+    out = {}
+    for kind in QuestionKind:
+        chosen = [r for r in rows if parse_question(r["question"])[0] is kind]
+        if chosen:
+            out[str(kind)] = metrics.accuracy([r["answer"] for r in chosen], [r["predicted"] for r in chosen])
+    return out
+
+
+def kind_table(results: dict[str, dict], keys: list[tuple[str, str]]) -> str:
+    kinds = [str(k) for k in QuestionKind]
+    lines = ["| model | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    for key, label in keys:
+        r = results.get(key)
+        if r and r.get("report") and Path(r["report"]).parent.joinpath("predictions.jsonl").is_file():
+            acc = accuracy_by_kind(r["report"])
+            lines.append(f"| {label} | " + " | ".join(_fmt(acc.get(k)) for k in kinds) + " |")
+    return "\n".join(lines)
+
+
+def frames_table(results: dict[str, dict], model: str = "sft_grpo") -> str:
+    """The final model on its own, swapped and degraded frames (direct mode)."""
+    own = results.get(f"{model}/direct")
+    lines = ["| frames | accuracy | change | miou | change | n |", "|---|---|---|---|---|---|"]
+    for variant, label in FRAMES:
+        r = results.get(f"{model}/direct" + ("" if variant == "own" else f"/{variant}"))
+        if r and own:
+            lines.append(f"| {label} | {r['accuracy']:.3f} | {r['accuracy'] - own['accuracy']:+.3f} | "
+                         f"{r['miou']:.3f} | {r['miou'] - own['miou']:+.3f} | {r['n']} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def dense_table(vision: dict) -> str:
+    """Stage 0's held-out per-cell scores before and after, beside always guessing the commonest value."""
+    before, after = vision.get("before", {}), vision.get("after", {})
+    lines = ["| per-cell target | random tower | after stage 0 | majority guess |", "|---|---|---|---|"]
+    for name in DENSE:
+        if f"{name}_acc" in after:
+            lines.append(f"| {name} accuracy | {_fmt(before.get(f'{name}_acc'))} | {_fmt(after[f'{name}_acc'])} | "
+                         f"{_fmt(after.get(f'{name}_majority'))} |")  # fmt: skip
+    for name in ("pos_mae", "box_mae"):
+        if name in after:
+            lines.append(f"| {name} (fraction of the frame) | {_fmt(before.get(name))} | {_fmt(after[name])} | - |")
+    return "\n".join(lines)
+
+
 def reliance_table(reliance: dict[str, dict]) -> str:
     lines = ["| model | test loss, own frames | test loss, shuffled frames | gap | n |", "|---|---|---|---|---|"]
-    for key, label in ROWS:
+    for key, label in RELIANCE_ROWS:
         r = reliance.get(key)
         if r:
             lines.append(f"| {label} | {r['loss_true']:.3f} | {r['loss_shuffled']:.3f} | {r['gap']:+.3f} | {r['n']} |")
@@ -46,8 +101,11 @@ def model_card(state: dict, spec: dict, config_path: Path, machine: str) -> str:
         r = s["result"]
         cfg = r["config"]
         t = cfg["trainer"]
+        trainer = cfg.get("stage", "dense (Trainer)")
+        kinds = ", ".join(cfg["data"]["kinds"]) if "data" in cfg else "dense ground truth"
+        frozen = " (vision frozen)" if cfg.get("freeze_vision") else ""
         stages.append(
-            f"| {name} | {cfg['stage']} | {', '.join(cfg['data']['kinds'])} | {r['steps']} | "
+            f"| {name} | {trainer}{frozen} | {kinds} | {r['steps']} | "
             f"{t.get('per_device_train_batch_size')} | {t.get('learning_rate')} | {s['seconds'] / 60:.1f} |"
         )
     synth = state.get("synth", {}).get("result", {})
@@ -56,8 +114,10 @@ def model_card(state: dict, spec: dict, config_path: Path, machine: str) -> str:
 
 A small Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`, {init.get("parameters", 0) / 1e6:.1f} M parameters,
 vocabulary {init.get("vocab")}, dims {init.get("dims")}) trained from random weights on synthetic endoscope
-scenes with this repository's two-stage pipeline: SFT on the Surgery-R1 mix (Visual-QA, Grounding-QA,
-chain of thought), then GRPO with format, accuracy, IoU and coherence rewards. It is the default model of
+scenes with this repository's pipeline: stage 0, vision pre-training on the renderer's dense ground truth
+(the part a real Qwen2.5-VL brings from its own pre-training: `training/vision_pretrain.py`), then the
+paper's two stages with the vision tower frozen: SFT on the Surgery-R1 mix (Visual-QA, Grounding-QA, chain
+of thought), then GRPO with format, accuracy, IoU and coherence rewards. It is the default model of
 `make demo`, the ROS 2 node and the tests. **It has only ever seen synthetic frames: it is a working
 stand-in for a fine-tuned Qwen2.5-VL-3B/7B, not a surgical model.**
 
@@ -77,6 +137,9 @@ stand-in for a fine-tuned Qwen2.5-VL-3B/7B, not a surgical model.**
 Total time of the stages: {seconds / 60:.1f} min on {machine} (a resumed stage counts its last run).
 Config: `{config_path.name}`.
 
+## Stage 0: what the vision tower learnt (held-out frames, per 28x28-pixel image token)
+{dense_table(state.get("vision", {}).get("result", {}))}
+
 ## Results on the held-out synthetic test split
 Direct answer (`<answer>` + `<box>`, the runtime's fast mode):
 
@@ -86,19 +149,30 @@ With reasoning (`<think>` first):
 
 {ablation_table(results, "reason")}
 
-Does it look at the image? Teacher-forced loss on test grounding questions with each question's own frame
-and with frames shuffled between questions (`training/reliance.py`); a gap near 0 means the answers come
-from the text prior, not from the frame:
+Accuracy by question type:
+
+{kind_table(results, [("sft_grpo/direct", "SFT + GRPO, direct"), ("sft_grpo/reason", "SFT + GRPO, reasoning"),
+                      ("sft/direct", "SFT only, direct")])}
+
+Does it read the frame? The final model, direct mode, on its own frames, on frames of another sequence (a
+model that reads the image must get worse) and on degraded frames (JPEG quality 45, 20% darker, sensor
+noise: `training/augment.degrade`; it should not get much worse):
+
+{frames_table(results)}
+
+The same question asked of each stage: teacher-forced loss on test grounding questions with each question's
+own frame and with frames shuffled between questions (`training/reliance.py`); a gap near 0 means the answers
+come from the text prior, not from the frame. SFT stages fail when the gap is below their `min_reliance_gap`:
 
 {reliance_table(state.get("reliance", {}).get("result", {}))}
 
 Metric definitions: `training/evaluate.py` (and `definitions` in each report.json). `miou_legacy` is the
 Surgical-VQLA score, kept for comparison with published tables; `miou` is the true IoU.
 
-Learning curves: `sft_a_metrics.csv`, `sft_b_metrics.csv`, `rft_metrics.csv` beside the weights (every
-logged loss, reward and learning rate); `make model` also plots them to `runs/builtin/<stage>/`.
+Learning curves: `vision_metrics.csv`, `sft_a_metrics.csv`, `sft_b_metrics.csv`, `rft_metrics.csv` beside the
+weights (every logged loss, reward and learning rate); `make model` also plots them to `runs/builtin/<stage>/`.
 
 ## Reproduce
     make model            # = surgery-r1 train builtin --out surgery_r1_ros/resources/builtin_model
-    surgery-r1 eval --data runs/builtin/data/test --split all --out reports/builtin [--reasoning]
+    surgery-r1 eval --data runs/builtin/data/test --split all --out reports/builtin [--reasoning] [--frames swapped]
 """

@@ -37,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
     ev.add_argument("--max-new-tokens", type=int, default=None)
+    ev.add_argument("--frames", default="own", choices=("own", "swapped", "degraded"),
+                    help="own frames; frames of another sequence (does the model read the image? it must get "
+                         "worse); degraded frames (JPEG 45, 20%% darker, noise: it should not)")  # fmt: skip
     ev.set_defaults(handler=_eval)
 
 
@@ -77,7 +80,8 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, summary
 
     report = evaluate(
-        args.model, args.data, args.split, args.out, args.reasoning, args.batch_size, args.limit, args.max_new_tokens
+        args.model, args.data, args.split, args.out, args.reasoning, args.batch_size, args.limit, args.max_new_tokens,
+        frames=args.frames,
     )
     print(summary(report))
     print(f"report: {args.out / 'report.json'}")

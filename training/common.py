@@ -54,11 +54,11 @@ def report_to() -> list[str]:
     return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
 
 
-def trainer_defaults(config: RunConfig) -> dict[str, Any]:
-    """Settings every run needs; anything in the config's ``trainer`` block overrides them."""
+def base_trainer_settings(output_dir: str) -> dict[str, Any]:
+    """``TrainingArguments`` every run needs (also the vision pre-training, which has no RunConfig)."""
     cuda = _cuda_available()
     return {
-        "output_dir": config.output_dir,
+        "output_dir": output_dir,
         "save_strategy": "steps",
         "save_steps": 100,
         "save_total_limit": 3,
@@ -70,6 +70,22 @@ def trainer_defaults(config: RunConfig) -> dict[str, Any]:
         "seed": 0,
         "use_cpu": not cuda,
     }
+
+
+def trainer_defaults(config: RunConfig) -> dict[str, Any]:
+    """Settings every run needs; anything in the config's ``trainer`` block overrides them."""
+    return base_trainer_settings(config.output_dir)
+
+
+def freeze_vision(model) -> int:
+    """Freeze the vision tower (patch embedding, blocks, merger); returns how many parameters it holds.
+
+    After vision pre-training the tower's tokens already say what is where; SFT and GRPO then train the
+    language model to read them, and cannot wash the image out of the tokens (what blinded the first model).
+    """
+    visual = model.get_base_model().model.visual if hasattr(model, "get_base_model") else model.model.visual
+    visual.requires_grad_(False)
+    return sum(p.numel() for p in visual.parameters())
 
 
 def _cuda_available() -> bool:

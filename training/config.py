@@ -13,8 +13,10 @@ rewards, and a ``trainer`` block passed verbatim to TRL's ``SFTConfig`` / ``GRPO
       kinds: [grounding, vqa, cot]        # which record kinds to train on
       limit: null                         # keep only the first N questions (after shuffling)
       seed: 0
+      augment: false                      # photometric augmentation (colour, blur, noise, JPEG)
     lora: null                       # or {r: 16, alpha: 32, dropout: 0.05, target_modules: <regex>}
     rewards: {format: 0.5, accuracy: 1.0, iou: 1.0, coherence: 0.5}   # rft only, name -> weight
+    freeze_vision: false             # true: train the language model only (after vision pre-training)
     trainer: {learning_rate: 1e-3, max_steps: 500, ...}
 
 Relative paths are relative to the current directory. ``--config NAME`` also finds the configs shipped
@@ -44,6 +46,7 @@ class DataConfig:
     kinds: list[str] = field(default_factory=lambda: ["grounding", "vqa", "cot"])
     limit: int | None = None
     seed: int = 0
+    augment: bool = False  # photometric augmentation of the frames (training/augment.py)
 
 
 @dataclass
@@ -63,6 +66,7 @@ class RunConfig:
     trainer: dict[str, Any]
     lora: LoraConfig | None = None
     rewards: dict[str, float] = field(default_factory=dict)
+    freeze_vision: bool = False  # train the language model only (after vision pre-training)
     source: str | None = None  # the file it was read from
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,6 +77,7 @@ class RunConfig:
             "data": vars(self.data),
             "lora": vars(self.lora) if self.lora else None,
             "rewards": dict(self.rewards),
+            "freeze_vision": self.freeze_vision,
             "trainer": dict(self.trainer),
         }
 
@@ -106,7 +111,7 @@ def from_dict(raw: dict[str, Any], source: str | None = None, overrides: dict[st
         else:
             raw[head] = value
     where = source or "config"
-    _known(where, raw, {"stage", "model", "output_dir", "data", "trainer", "lora", "rewards"})
+    _known(where, raw, {"stage", "model", "output_dir", "data", "trainer", "lora", "rewards", "freeze_vision"})
     stage = raw.get("stage")
     if stage not in STAGES:
         raise ValueError(f"{where}: 'stage' must be one of {', '.join(STAGES)}, got {stage!r}")
@@ -133,7 +138,8 @@ def from_dict(raw: dict[str, Any], source: str | None = None, overrides: dict[st
             raise ValueError(f"{where}: an RFT config must set trainer.{', trainer.'.join(missing)} explicitly")
         if not rewards:
             raise ValueError(f"{where}: an RFT config needs 'rewards' (name -> weight)")
-    return RunConfig(stage, str(raw["model"]), str(raw["output_dir"]), data, trainer, lora, rewards, source)
+    freeze = bool(raw.get("freeze_vision", False))
+    return RunConfig(stage, str(raw["model"]), str(raw["output_dir"]), data, trainer, lora, rewards, freeze, source)
 
 
 def load_config(name: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:

@@ -13,12 +13,14 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from surgery_r1_ros import protocol
 from surgery_r1_ros.boxes import Size, scale_box
 
+from .augment import augment
 from .config import DataConfig
 
 
@@ -94,17 +96,22 @@ def sft_row(record: dict, model_size: Size) -> dict[str, Any]:
 class SFTCollator:
     """Batches SFT rows through the model helper's ``encode_prompt``: loss on the completion only."""
 
-    def __init__(self, processor, images: ImageCache, shuffle_images: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self, processor, images: ImageCache, shuffle_images: bool = False, seed: int = 0, augment: bool = False
+    ) -> None:
         self.processor = processor
         self.images = images
         # Diagnostic: pair each question with another row's image; the loss must then go up.
         self.shuffle_images = shuffle_images
         self._rng = random.Random(seed)
+        self._augment_rng = np.random.default_rng(seed) if augment else None
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         from surgery_r1_ros.model import encode_prompt
 
         images = [self.images(r["image_path"]) for r in rows]
+        if self._augment_rng is not None:
+            images = [Image.fromarray(augment(np.asarray(im), self._augment_rng)) for im in images]
         if self.shuffle_images and len(images) > 1:
             order = list(range(len(images)))
             self._rng.shuffle(order)

@@ -42,3 +42,20 @@ def image_reliance(model: str | Path, records: list[dict], limit: int = 128, see
     true_loss = teacher_forced_loss(loaded, rows, shuffle_images=False, seed=seed)
     shuffled = teacher_forced_loss(loaded, rows, shuffle_images=True, seed=seed)
     return {"n": len(rows), "loss_true": true_loss, "loss_shuffled": shuffled, "gap": shuffled - true_loss}
+
+
+class RelianceError(RuntimeError):
+    """A trained model whose answers no longer depend on the frame."""
+
+
+def require_reliance(model: str | Path, records: list[dict], min_gap: float, stage: str, limit: int = 128) -> dict:
+    """The reliance gate of a training stage: measure it and fail loudly if the gap is below ``min_gap``."""
+    result = image_reliance(model, records, limit=limit)
+    if result["gap"] < min_gap:
+        raise RelianceError(
+            f"stage {stage}: the model barely uses the image (test loss {result['loss_true']:.4f} with its own "
+            f"frames, {result['loss_shuffled']:.4f} with shuffled frames: gap {result['gap']:+.4f} < {min_gap}). "
+            "Its answers come from the text prior. Check the vision pre-training's held-out scores, keep the vision "
+            "tower frozen or at a lower learning rate, or lower the learning rate of this stage."
+        )
+    return result

@@ -18,6 +18,7 @@ from .common import (
     METRICS_CSV,
     MetricsCSV,
     checkpoint_step,
+    freeze_vision,
     load_start_model,
     lora_config,
     prepare_output,
@@ -38,6 +39,8 @@ def build_rft_trainer(config: RunConfig, checkpoint: str | None = None, callback
     from surgery_r1_ros.model import image_size
 
     model, processor = load_start_model(config.model, checkpoint)
+    if config.freeze_vision:
+        log.info("GRPO: vision tower frozen (%d parameters)", freeze_vision(model))
     model_size = image_size(processor)
     records = load_records(config.data)
     train = rft_dataset(records, model_size)

@@ -18,6 +18,7 @@ from .common import (
     METRICS_CSV,
     MetricsCSV,
     checkpoint_step,
+    freeze_vision,
     load_start_model,
     lora_config,
     prepare_output,
@@ -37,10 +38,12 @@ def build_sft_trainer(config: RunConfig, checkpoint: str | None = None, callback
     from surgery_r1_ros.model import image_size
 
     model, processor = load_start_model(config.model, checkpoint)
+    if config.freeze_vision:
+        log.info("SFT: vision tower frozen (%d parameters)", freeze_vision(model))
     model_size = image_size(processor)
     records = load_records(config.data)
     train = sft_dataset(records, model_size)
-    collator = SFTCollator(processor, ImageCache(), seed=config.data.seed)
+    collator = SFTCollator(processor, ImageCache(), seed=config.data.seed, augment=config.data.augment)
     settings = {
         **trainer_defaults(config),
         "dataset_kwargs": {"skip_prepare_dataset": True},  # the collator tokenizes
