@@ -85,11 +85,31 @@ def test_interface_package_manifest_and_cmake():
     assert {"builtin_interfaces", "std_msgs", "sensor_msgs"} <= depends
     cmake = (PKG / "CMakeLists.txt").read_text()
     assert '"msg/GroundedAnswer.msg"' in cmake and '"srv/AskQuestion.srv"' in cmake
-    # the pip-only parts are guarded, so colcon builds the same file in a ROS workspace
-    assert "if(SKBUILD)" in cmake
+    # the fixes for the PyPI wheels are guarded, so colcon builds the same file against a sourced ROS 2
+    # (cmake/ros_wheels.cmake decides: tests/test_ros_wheels_cmake.py)
+    assert "if(SURGERY_R1_ROS_WHEELS)" in cmake
 
 
 def test_root_package_depends_on_the_interfaces():
     root = ET.parse(ROOT / "package.xml").getroot()
     assert root.get("format") == "3"
     assert "surgery_r1_interfaces" in {e.text for e in root.findall("exec_depend")}
+
+
+ASK_FEEDBACK = {"reasoning": "string", "tokens": "uint32"}
+
+
+def test_ask_action_goal_result_and_feedback():
+    """The action's goal is the service request, its result the service response; feedback streams reasoning."""
+    action = pytest.importorskip("surgery_r1_interfaces.action", reason="run `make setup` to build the interfaces")
+    srv = pytest.importorskip("surgery_r1_interfaces.srv")
+    ask = action.AskQuestion
+    assert ask.Goal.get_fields_and_field_types() == srv.AskQuestion.Request.get_fields_and_field_types()
+    assert ask.Result.get_fields_and_field_types() == srv.AskQuestion.Response.get_fields_and_field_types()
+    assert ask.Feedback.get_fields_and_field_types() == ASK_FEEDBACK
+    sections = (PKG / "action" / "AskQuestion.action").read_text().split("\n---\n")
+    assert len(sections) == 3
+    cmake = (PKG / "CMakeLists.txt").read_text()
+    assert '"action/AskQuestion.action"' in cmake and "find_package(action_msgs REQUIRED)" in cmake
+    root = ET.parse(PKG / "package.xml").getroot()
+    assert "action_msgs" in {e.text for e in root.findall("depend")}

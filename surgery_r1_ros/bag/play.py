@@ -8,6 +8,11 @@ none, so the player chooses per topic. ``--qos auto`` (default) uses the recorde
 durability when the bag has them, else reliable/volatile with depth 10: a reliable publisher matches
 both reliable and best-effort subscribers. ``reliable``, ``best_effort`` and ``sensor_data`` force one
 profile for every topic (``sensor_data`` = best effort, keep last 5, as camera drivers publish).
+
+Discovery: a publisher reaches a subscriber only once the two have matched, which takes from under 0.1 s
+to ~2 s after the player starts. Before the first message the player waits (``wait_for_subscribers_s``,
+default 5 s) until every publisher has matched all the subscriptions the ROS graph shows on its topic and
+at least one topic has a subscriber, so subscribers that already run get the bag from its first message.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ class PlayOptions:
     skip_missing_types: bool = False
     remap: dict[str, str] = field(default_factory=dict)
     start_offset_s: float = 0.0
-    wait_for_subscribers_s: float = 0.0  # wait up to this long for every topic to have a subscriber
+    wait_for_subscribers_s: float = 5.0  # before playing, wait up to this long for the subscribers (0: none)
     delay_s: float = 0.0  # sleep this long before playing (after the wait for subscribers)
     max_loops: int | None = None  # with loop: stop after this many passes (None: until stopped)
 
@@ -57,6 +62,8 @@ class PlayOptions:
             raise ValueError("--start-offset must be >= 0")
         if self.delay_s < 0:
             raise ValueError("--delay must be >= 0")
+        if self.wait_for_subscribers_s < 0:
+            raise ValueError("--wait-for-subscribers must be >= 0")
 
 
 @dataclass
@@ -203,21 +210,52 @@ class BagPlayer:
             self.clock_pub = self.node.create_publisher(Clock, "/clock", QoSProfile(depth=1))
         return info
 
-    def wait_for_subscribers(self, timeout: float, settle_s: float = 0.25) -> list[str]:
-        """Wait until every played topic has a subscriber; returns the topics still without one.
+    def subscriber_counts(self) -> dict[str, tuple[int, int]]:
+        """Per played topic: (subscriptions its publisher has matched, subscriptions the ROS graph shows)."""
+        return {
+            topic: (pub.get_subscription_count(), self.node.count_subscribers(pub.topic_name))
+            for topic, pub in self.publishers.items()
+        }
 
-        Matching is not symmetric: the publisher may see a subscription a little before that subscriber
-        has matched the publisher, and best-effort messages sent in between are lost. ``settle_s`` covers it.
+    def wait_for_subscribers(
+        self, timeout: float, settle_s: float = 0.25, stop: threading.Event | None = None
+    ) -> dict[str, tuple[int, int]]:
+        """Wait until the subscribers that exist are matched; returns :meth:`subscriber_counts` at the end.
+
+        Done when at least one topic has a subscriber and every publisher has matched all the subscriptions
+        the graph shows on its topic, without change for ``settle_s`` (subscriptions of a process discovered
+        a moment later, and the subscriber's side of matching, which may lag the publisher's), or after
+        ``timeout`` seconds, or when ``stop`` is set. Topics nobody subscribes to do not hold playback back.
         """
+        stop = stop or threading.Event()
         deadline = time.monotonic() + timeout
+        settled_since = None
         while True:
-            lonely = [t for t, p in self.publishers.items() if p.get_subscription_count() == 0]
-            if not lonely:
-                time.sleep(settle_s)
-                return lonely
-            if time.monotonic() >= deadline:
-                return lonely
-            time.sleep(0.02)
+            counts = self.subscriber_counts()
+            now = time.monotonic()
+            ready = any(m for m, _ in counts.values()) and all(m >= known for m, known in counts.values())
+            if not ready:
+                settled_since = None
+            elif settled_since is None:
+                settled_since = now
+            if (settled_since is not None and now - settled_since >= settle_s) or now >= deadline or stop.is_set():
+                return counts
+            stop.wait(0.02)
+
+    def _wait_before_playing(self, timeout: float, stop: threading.Event) -> None:
+        started = time.monotonic()
+        counts = self.wait_for_subscribers(timeout, stop=stop)
+        if stop.is_set():
+            return
+        if not any(m for m, _ in counts.values()):
+            log.warning("no subscriber after %.1f s: playing anyway", timeout)
+            return
+        for topic, (matched, known) in sorted(counts.items()):
+            if matched < known:
+                log.warning("%s: matched %d of its %d subscriptions after %.1f s (incompatible QoS?)",
+                            topic, matched, known, timeout)  # fmt: skip
+        topics = ", ".join(f"{t} ({m})" for t, (m, _) in sorted(counts.items()) if m)
+        log.info("subscribers matched after %.2f s: %s", time.monotonic() - started, topics)
 
     # -- playing ---------------------------------------------------------------------------------
     def play(
@@ -235,10 +273,8 @@ class BagPlayer:
         assert self.info is not None
         stop = stop or threading.Event()
         opts = self.options
-        if opts.wait_for_subscribers_s > 0:
-            lonely = self.wait_for_subscribers(opts.wait_for_subscribers_s)
-            if lonely:
-                log.warning("no subscriber after %.1f s on: %s", opts.wait_for_subscribers_s, ", ".join(lonely))
+        if opts.wait_for_subscribers_s > 0 and self.publishers:
+            self._wait_before_playing(opts.wait_for_subscribers_s, stop)
         if opts.delay_s > 0:
             stop.wait(opts.delay_s)
         played = list(self.publishers)
