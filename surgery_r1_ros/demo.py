@@ -143,9 +143,9 @@ def _child_pids() -> list[int]:
 
 def run_demo(options: DemoOptions | None = None) -> DemoResult:
     """Run the demo; prints as it goes and returns the report and what (if anything) was left behind."""
-    from surgery_r1_ros.bag.evaluate import EvalOptions, run_eval
     from surgery_r1_ros.bag.ros_env import leftover_shm, shm_snapshot
     from surgery_r1_ros.bag.synth import BagSynthOptions, synth_bag
+    from surgery_r1_ros.bag_eval import EvalOptions, run_eval
 
     options = options or DemoOptions()
     started = time.monotonic()

@@ -97,11 +97,16 @@ class ParsedOutput:
 
     def format_ok(self, mode: PromptMode) -> bool:
         """Whether every part the mode asks for is present and readable."""
-        if self.answer is None or not self.answer_in_vocabulary:
-            return False
-        if mode is not PromptMode.ANSWER and self.box is None:
-            return False
-        return mode is not PromptMode.REASON or bool(self.reasoning)
+        return is_complete(mode, self.answer_in_vocabulary, self.box is not None, self.reasoning)
+
+
+def is_complete(mode: PromptMode, answer_in_vocabulary: bool, has_box: bool, reasoning: str | None) -> bool:
+    """The format rule: a vocabulary answer, a box unless the mode is ANSWER, reasoning in REASON mode."""
+    if not answer_in_vocabulary:
+        return False
+    if mode is not PromptMode.ANSWER and not has_box:
+        return False
+    return mode is not PromptMode.REASON or bool(reasoning)
 
 
 def _parse_box(text: str) -> tuple[Box | None, str | None]:

@@ -12,17 +12,8 @@ import numpy as np
 import pytest
 
 from surgery_r1_ros import cli
-from surgery_r1_ros.bag.evaluate import (
-    EvalOptions,
-    decode_image,
-    header_stamp_ns,
-    image_size_from_cdr,
-    image_stamps,
-    plan_questions,
-    run_eval,
-)
+from surgery_r1_ros.bag.cdr import decode_image, header_stamp_ns, image_size_from_cdr
 from surgery_r1_ros.bag.reader import BagError, BagReader, bag_info
-from surgery_r1_ros.bag.report import AskedQuestion, EvalReport
 from surgery_r1_ros.bag.synth import (
     BagSynthOptions,
     disparity_px,
@@ -31,6 +22,10 @@ from surgery_r1_ros.bag.synth import (
     stamp_ns,
     synth_bag,
 )
+from surgery_r1_ros.bag_eval import EvalOptions, run_eval
+from surgery_r1_ros.bag_eval.plan import image_stamps, plan_questions
+from surgery_r1_ros.bag_eval.report import AskedQuestion, EvalReport
+from surgery_r1_ros.ros_fields import msg_stamp_ns
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "rosbag2"
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"{FIXTURES} is not here (shared/ beside the clone)")
@@ -67,7 +62,7 @@ def test_synth_bag_layout_stamps_stereo_and_sidecar(small_bag: Path) -> None:
         for msg in bag.messages():
             eye = msg.topic.split("/")[2]
             decoded = store.deserialize_cdr(msg.data, msg.msgtype)
-            stamp = decoded.header.stamp.sec * 10**9 + decoded.header.stamp.nanosec
+            stamp = msg_stamp_ns(decoded.header.stamp)
             assert stamp == msg.timestamp, "header stamp = bag time"
             assert decoded.header.frame_id == f"jhu_daVinci_{eye}"
             if msg.msgtype.endswith("Image"):
@@ -267,9 +262,11 @@ def test_report_metrics_and_files(tmp_path: Path) -> None:
     m = report.metrics()
     assert m["asked"] == 3 and m["answered"] == 2 and m["skipped"] == {"outside the bag's time range": 1}
     assert m["accuracy"] == pytest.approx(1 / 3)  # the failure counts as wrong
-    assert m["true_miou"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)  # a missing box scores 0
-    assert 0.5 < m["legacy_miou"] <= 1.0
-    assert m["coherence_rate"] == pytest.approx(0.5) and m["coherence_checked"] == 2
+    assert m["miou"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)  # a missing box scores 0
+    # legacy: 1 (exact), 0.833 (half box), 0.444 (the missing box is [0,0,0,0]) on normalised boxes
+    assert m["miou_legacy"] == pytest.approx((1.0 + 1.875 / 2.25 + 1 / 2.25) / 3)
+    assert m["coherence_rate"] == pytest.approx(0.5) and m["n_with_reasoning"] == 2
+    assert m["format_rate"] == pytest.approx(2 / 3)  # the failure has no answer
     assert m["latency_ms"]["max"] == pytest.approx(20.0) and m["round_trip_ms"]["n"] == 3
     assert m["errors"] == {"timeout: no response": 1}
     assert m["by_kind"]["state"]["accuracy"] == pytest.approx(0.5)
@@ -278,7 +275,7 @@ def test_report_metrics_and_files(tmp_path: Path) -> None:
     data = json.loads(paths["json"].read_text())
     assert data["metrics"]["accuracy"] == pytest.approx(1 / 3, abs=1e-4)
     md = paths["markdown"].read_text()
-    assert "Legacy mIoU" in md and "True mIoU" in md and "answers.png" in md
+    assert "Legacy mIoU" in md and "mIoU (true IoU)" in md and "answers.png" in md
     import cv2
 
     sheet = cv2.imread(str(paths["sheet"]))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from ros_helpers import ros_available, ros_session, wait_for
 
-from surgery_r1_ros.bag.evaluate import header_stamp_ns
+from surgery_r1_ros.bag.cdr import header_stamp_ns
 from surgery_r1_ros.bag.reader import BagReader, bag_info
 from surgery_r1_ros.bag.ros_env import leftover_shm, shm_snapshot
 from surgery_r1_ros.bag.synth import BagSynthOptions, synth_bag
@@ -66,7 +66,9 @@ def test_play_and_record_round_trip(tmp_path: Path) -> None:
         assert "recorded" in rec.output()
         stats = _json_tail(player.output())
     assert stats["published"] == {LEFT: 45, LEFT_INFO: 45} and stats["clock_messages"] > 50
-    assert stats["timing"]["p50_ms"] < 5.0, stats["timing"]
+    # Behaviour, not speed: the player follows the bag's clock (a unit or offset bug is off by seconds); the
+    # timing it reaches on a quiet machine (~1 ms) is measured, not bounded here: a loaded CI saw 11-20 ms.
+    assert stats["timing"]["p50_ms"] < 100.0, stats["timing"]
     assert not leftover_shm(before)
 
     info = bag_info(recorded)
@@ -87,6 +89,23 @@ def test_play_and_record_round_trip(tmp_path: Path) -> None:
     assert abs(np.median(gaps) - 33.33) < 4.0, gaps
     start = min(originals)
     assert clocks == sorted(clocks) and start <= clocks[0] and clocks[-1] <= max(originals) + 50_000_000
+
+
+@pytest.mark.skipif(not FIXTURES.is_dir(), reason="shared/fixtures/rosbag2 is not beside the clone")
+def test_play_loses_nothing_to_a_running_subscriber(tmp_path: Path) -> None:
+    """Plain `bag play` (default options, every topic) of a real `ros2 bag` talker bag: a subscriber that already
+    runs in another process gets all 10 messages, the first included (before the wait, 9 of 10 arrived)."""
+    from rclpy.qos import QoSProfile
+    from std_msgs.msg import String
+
+    with ros_session(tmp_path) as ros:
+        got: list[str] = []
+        ros.node.create_subscription(String, "/topic", lambda m: got.append(m.data), QoSProfile(depth=50))
+        play = ros.start([*BAG_CLI, "play", str(FIXTURES / "talker_mcap"), "--rate", "10", "--json"], name="play")
+        assert wait_for(lambda: not play.alive(), 60) and play.popen.returncode == 0, play.output()
+        assert _json_tail(play.output())["published"]["/topic"] == 10
+        wait_for(lambda: len(got) >= 10, 5)
+        assert got == [f"Hello, world! {i}" for i in range(10)], got
 
 
 @pytest.mark.skipif(not FIXTURES.is_dir(), reason="shared/fixtures/rosbag2 is not beside the clone")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from surgery_r1_ros.training.evaluate import NONE_LABEL, Item, score
+from surgery_r1_ros.training.evaluate import Item, score
 
 from surgery_r1_ros.protocol import PromptMode
+from surgery_r1_ros.scoring import NONE_LABEL
 
 SIZE = (280, 224)  # model input = frame size here, so boxes need no scaling
 ITEMS = [

@@ -42,7 +42,7 @@ def test_format_reward_by_mode():
         "",
     ]
     modes = ["answer", "ground", "ground", "ground", "ground", "reason", "reason", "ground"]
-    assert format_reward(completions, mode=modes) == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    assert format_reward(completions, mode=modes, model_size=[SIZE] * 8) == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 
 
 def test_accuracy_reward_uses_vocabulary_spelling():
@@ -53,7 +53,7 @@ def test_accuracy_reward_uses_vocabulary_spelling():
         "no tags at all",
     ]
     truth = ["Tissue_Manipulation"] * 4
-    assert accuracy_reward(completions, answer=truth) == [1.0, 1.0, 0.0, 0.0]
+    assert accuracy_reward(completions, answer=truth, model_size=[SIZE] * 4) == [1.0, 1.0, 0.0, 0.0]
 
 
 def test_iou_reward_is_true_continuous_iou():
@@ -66,7 +66,7 @@ def test_iou_reward_is_true_continuous_iou():
         "<box>[10,10,0,0]</box>",  # inverted: unreadable
         "<box>[0,0,10,10]</box>",  # a VQA row without a truth box: not applicable
     ]
-    rewards = iou_reward(completions, target_box=[truth] * 5 + [None])
+    rewards = iou_reward(completions, target_box=[truth] * 5 + [None], model_size=[SIZE] * 6)
     assert rewards[:5] == pytest.approx([1.0, 0.5, 0.0, 0.0, 0.0])
     assert rewards[5] is None
 

@@ -237,7 +237,9 @@ def test_cli_synth_check_stats(tmp_path, capsys):
     data, pictures = tmp_path / "data", tmp_path / "pictures"
     assert main(["data", "synth", "--out", str(data), "--sequences", "2", "--frames-per-sequence", "3",
                  "--size", "320x256", "--seed", "5", "--difficulty", "easy"]) == 0  # fmt: skip
-    assert "frames/s" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "frames/s" in out and "1 train / 1 test sequences in" in out and "splits.json" in out
+    assert "seq_" not in out  # no sequence names: a large dataset has thousands
     assert main(["data", "check", "--data", str(data)]) == 0
     out = capsys.readouterr().out
     assert "6 frames" in out and "kidney" in out

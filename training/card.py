@@ -166,7 +166,7 @@ come from the text prior, not from the frame. SFT stages fail when the gap is be
 
 {reliance_table(state.get("reliance", {}).get("result", {}))}
 
-Metric definitions: `training/evaluate.py` (and `definitions` in each report.json). `miou_legacy` is the
+Metric definitions: `surgery_r1_ros/scoring.py` (and `definitions` in each report.json). `miou_legacy` is the
 Surgical-VQLA score, kept for comparison with published tables; `miou` is the true IoU.
 
 Learning curves: `vision_metrics.csv`, `sft_a_metrics.csv`, `sft_b_metrics.csv`, `rft_metrics.csv` beside the

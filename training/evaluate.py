@@ -3,21 +3,11 @@
     surgery-r1 eval [--model DIR] --data DIR --split test --out DIR [--reasoning]
 
 The model (default: the built-in one) answers every question of the split with batched greedy decoding.
-Completions are read with ``protocol.parse_output``; its box (model-input pixels) is scaled back to the
-frame. Scoring uses ``surgery_r1_ros.metrics``:
-
-- ``accuracy``, ``f_score``: exact label match, macro F (sklearn, zero_division=1). A completion with no
-  readable vocabulary answer counts as the label ``<none>``, i.e. wrong.
-- ``miou``: true IoU in the frame's pixels; a missing box scores 0.
-- ``miou_legacy``: the Surgical-VQLA score (normalised boxes, "+1" rule, no clamp); a missing box is the
-  zero box ``[0,0,0,0]``.
-- ``format_rate``: share of completions with every part the prompt mode asks for
-  (``ParsedOutput.format_ok``: a vocabulary answer and a box, plus non-empty reasoning in reasoning mode).
-- ``coherence_rate`` (reasoning mode only, else null): among completions that contain non-empty
-  reasoning, the share that also hold a readable box and whose position claims about the question's
-  subject are all consistent with that box (``coherence.check_coherence``). A completion with reasoning
-  but no readable box counts as incoherent; reasoning with no checkable claim counts as coherent
-  (``claims_rate`` says how many made at least one claim).
+Each completion is read by ``grounding.ground`` (parse, clip, scale to the frame, coherence), the same
+function the runtime uses, and the answers are scored by ``scoring.score_answers``, the same function
+``surgery-r1 bag eval`` uses: ``accuracy``, ``f_score``, ``miou`` (true IoU), ``miou_legacy`` (the
+Surgical-VQLA number), ``format_rate``, and in reasoning mode ``coherence_rate`` and ``claims_rate``; each
+report states the rules under ``definitions`` (``scoring.DEFINITIONS``).
 
 Writes ``report.json`` (these keys, n, definitions, timing), ``per_class.csv``, ``confusion.png`` and
 ``predictions.jsonl`` to ``--out``.
@@ -29,32 +19,17 @@ import csv
 import json
 import logging
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from surgery_r1_ros import metrics
-from surgery_r1_ros.boxes import Box, Size, scale_box
-from surgery_r1_ros.coherence import check_coherence
-from surgery_r1_ros.protocol import PromptMode, parse_output
+from surgery_r1_ros.boxes import Box, Size
+from surgery_r1_ros.grounding import ground
+from surgery_r1_ros.protocol import PromptMode
+from surgery_r1_ros.scoring import AnswerRecord, score_answers
 
 log = logging.getLogger(__name__)
-
-NONE_LABEL = "<none>"
-ZERO_BOX: Box = (0.0, 0.0, 0.0, 0.0)
-DEFINITIONS = {
-    "accuracy": "share of questions whose parsed answer equals the label (unreadable answers are wrong)",
-    "f_score": "macro F1 over labels seen in truth or prediction (sklearn, zero_division=1)",
-    "miou": "mean true IoU of predicted and true boxes in frame pixels; a missing box scores 0",
-    "miou_legacy": "Surgical-VQLA mIoU (normalised boxes, +1 rule, no clamp); a missing box is [0,0,0,0]",
-    "format_rate": "share of completions with every part the prompt mode asks for (protocol format_ok)",
-    "coherence_rate": (
-        "reasoning mode only: among completions with non-empty reasoning, the share that have a readable box "
-        "and no position claim about the question's subject contradicted by it (coherence.check_coherence); "
-        "reasoning without a box is incoherent, reasoning without a checkable claim is coherent"
-    ),
-    "claims_rate": "reasoning mode only: among completions with reasoning, the share making >=1 checked claim",
-}
 
 
 @dataclass(frozen=True)
@@ -82,75 +57,78 @@ def items_of(data: str | Path, split: str, limit: int | None = None) -> list[Ite
 
 
 def score(items: Sequence[Item], completions: Sequence[str], mode: PromptMode, model_size: Size) -> dict:
-    """The report (without timing) for completions answering ``items`` in ``mode``."""
+    """The report (without timing) for completions answering ``items`` in ``mode``, with its rows under ``_rows``."""
     if len(items) != len(completions):
         raise ValueError(f"{len(items)} questions but {len(completions)} completions")
-    truth, predicted, true_boxes, boxes, legacy_boxes, sizes = [], [], [], [], [], []
-    formatted = with_reasoning = coherent = with_claims = 0
-    rows = []
+    records, rows = [], []
     for item, text in zip(items, completions, strict=True):
-        parsed = parse_output(text)
-        label = parsed.answer if parsed.answer_in_vocabulary else NONE_LABEL
-        box = scale_box(parsed.box, model_size, item.size) if parsed.box is not None else None
-        truth.append(item.answer)
-        predicted.append(label)
-        true_boxes.append(item.box)
-        boxes.append(box)
-        legacy_boxes.append(box if box is not None else ZERO_BOX)
-        sizes.append(item.size)
-        ok = parsed.format_ok(mode)
-        formatted += ok
-        row_coherent = None
-        if mode is PromptMode.REASON and parsed.reasoning:
-            with_reasoning += 1
-            if parsed.box is not None:
-                result = check_coherence(parsed.reasoning, parsed.box, model_size, item.subject)
-                row_coherent = result.coherent
-                with_claims += result.has_claims
-            else:
-                row_coherent = False
-            coherent += row_coherent
+        grounded = ground(text, mode, model_size, item.size, item.subject)
+        record = AnswerRecord(
+            truth=item.answer,
+            truth_box=item.box,
+            frame_size=item.size,
+            subject=item.subject,
+            answer=grounded.answer,
+            box=grounded.box,
+            reasoning=grounded.reasoning,
+            coherent=grounded.coherent,
+        )
+        records.append(record)
         rows.append(
             {
                 "image": item.image_path,
                 "question": item.question,
                 "answer": item.answer,
-                "predicted": label,
+                "predicted": record.label,
                 "box": list(item.box),
-                "predicted_box": [round(v, 1) for v in box] if box else None,
-                "format_ok": bool(ok),
-                "coherent": row_coherent,
+                "predicted_box": list(grounded.box) if grounded.box else None,
+                "format_ok": grounded.format_ok,
+                "coherent": grounded.coherent if mode is PromptMode.REASON and grounded.reasoning else None,
                 "completion": text,
             }
         )
-    n = len(items)
-    reasoning_mode = mode is PromptMode.REASON
-    report = {
-        "n": n,
-        "mode": str(mode),
-        "accuracy": metrics.accuracy(truth, predicted),
-        "f_score": metrics.f_score(truth, predicted),
-        "miou_legacy": metrics.legacy_miou(true_boxes, legacy_boxes, sizes),
-        "miou": metrics.mean_iou(true_boxes, boxes),
-        "coherence_rate": (coherent / with_reasoning if with_reasoning else 0.0) if reasoning_mode else None,
-        "format_rate": formatted / n if n else 0.0,
-        "n_with_reasoning": with_reasoning if reasoning_mode else None,
-        "claims_rate": (with_claims / with_reasoning if with_reasoning else 0.0) if reasoning_mode else None,
-        "per_class": [vars(r) for r in metrics.per_class(truth, predicted)],
-        "definitions": DEFINITIONS,
-    }
-    labels = sorted(set(truth)) + sorted(set(predicted) - set(truth))
-    index = {lab: i for i, lab in enumerate(labels)}
-    matrix = [[0] * len(labels) for _ in labels]
-    for t, p in zip(truth, predicted, strict=True):
-        matrix[index[t]][index[p]] += 1
-    report["confusion"] = {"labels": labels, "matrix": matrix}
+    report = score_answers(records, mode)
     report["_rows"] = rows
     return report
 
 
-def generate(loaded, items: Sequence[Item], mode: PromptMode, batch_size: int = 16, max_new_tokens: int | None = None):
-    """Greedy completions for every item, batched; frames are decoded once and reused across questions."""
+FRAME_VARIANTS = ("own", "swapped", "degraded")
+
+
+def swapped_frames(items: Sequence[Item]) -> dict[str, str]:
+    """Each frame path -> a frame of another sequence (a fixed derangement), for the "does it read" check."""
+    paths = sorted({item.image_path for item in items})
+    half = len(paths) // 2
+    mapping = {}
+    for k, path in enumerate(paths):
+        for shift in range(half, half + len(paths)):
+            other = paths[(k + shift) % len(paths)]
+            if Path(other).parents[1] != Path(path).parents[1]:
+                break
+        mapping[path] = other
+    return mapping
+
+
+def generate(
+    loaded,
+    items: Sequence[Item],
+    mode: PromptMode,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    frames: str = "own",
+):
+    """Greedy completions for every item, batched; frames are decoded once and reused across questions.
+
+    ``frames``: ``own`` (the question's frame), ``swapped`` (a frame of another sequence: a model that reads
+    the image must get worse) or ``degraded`` (``augment.degrade``: it should not get much worse).
+    """
+    if frames not in FRAME_VARIANTS:
+        raise ValueError(f"frames must be one of {', '.join(FRAME_VARIANTS)}, got {frames!r}")
+    import numpy as np
+
+    from .augment import degrade
+
+    source = swapped_frames(items) if frames == "swapped" else {}
     import torch
     from PIL import Image
 
@@ -172,8 +150,10 @@ def generate(loaded, items: Sequence[Item], mode: PromptMode, batch_size: int = 
             if path not in cache:
                 if len(cache) > 256:
                     cache.clear()
-                with Image.open(path) as raw:
+                with Image.open(source.get(path, path)) as raw:
                     cache[path] = raw.convert("RGB")
+                if frames == "degraded":
+                    cache[path] = Image.fromarray(degrade(np.asarray(cache[path]), seed=zlib.crc32(path.encode())))
             images.append(cache[path])
         batch = encode_prompt(processor, images, [items[i].question for i in idx], [mode] * len(idx))
         batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
@@ -194,6 +174,7 @@ def evaluate(
     batch_size: int = 16,
     limit: int | None = None,
     max_new_tokens: int | None = None,
+    frames: str = "own",
 ) -> dict:
     """Run the model on the split, write the report files to ``out`` and return the report."""
     import torch
@@ -207,7 +188,7 @@ def evaluate(
     loaded = load_model(model, device=device)
     mode = PromptMode.REASON if reasoning else PromptMode.GROUND
     started = time.perf_counter()
-    completions = generate(loaded, items, mode, batch_size, max_new_tokens)
+    completions = generate(loaded, items, mode, batch_size, max_new_tokens, frames=frames)
     elapsed = time.perf_counter() - started
     report = score(items, completions, mode, image_size(loaded.processor))
     rows = report.pop("_rows")
@@ -216,6 +197,7 @@ def evaluate(
             "model": str(loaded.path),
             "data": str(data),
             "split": split,
+            "frames": frames,
             "seconds": round(elapsed, 2),
             "seconds_per_question_batched": round(elapsed / len(items), 4),
             "batch_size": batch_size,

@@ -10,10 +10,10 @@ RFT dataset rows (see ``training.dataset.rft_rows``):
 - ``model_size``: ``[width, height]`` of the model's input image (the frame of its boxes),
 - ``subject``: the instrument the question is about (None for the organ question).
 
-All of them read completions with ``protocol.parse_output`` and score boxes with ``boxes.iou`` and
-``coherence.check_coherence``, the same functions evaluation and the runtime use. A reward that does
-not apply to a row (IoU without a box to compare, coherence outside reasoning mode) returns None, which
-TRL leaves out of that row's weighted sum.
+All of them read completions with ``grounding.ground`` (parse, clip to the model's image, coherence), the
+function evaluation and the runtime use, in the model's input pixels. A reward that does not apply to a row
+(IoU without a box to compare, coherence outside reasoning mode) returns None, which TRL leaves out of that
+row's weighted sum.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from surgery_r1_ros.boxes import iou
-from surgery_r1_ros.coherence import check_coherence
-from surgery_r1_ros.protocol import PromptMode, parse_output
+from surgery_r1_ros.boxes import Size, iou
+from surgery_r1_ros.grounding import Grounding, ground
+from surgery_r1_ros.protocol import PromptMode
 
 # Coherence reward for reasoning that makes no checkable position claim about its subject: better than a
 # contradiction, worse than a verified claim, so the model cannot win by saying nothing about position.
@@ -56,34 +56,36 @@ def _column(columns: dict, name: str, n: int) -> list:
     return list(values)
 
 
-def format_reward(completions: list, mode: list[str], **_: Any) -> list[float]:
-    """1 when every part the prompt mode asks for is present and readable (protocol.format_ok), else 0."""
-    return [
-        1.0 if parse_output(completion_text(c)).format_ok(PromptMode(m)) else 0.0
-        for c, m in zip(completions, mode, strict=True)
-    ]
+def _read(completion: Any, mode: str, model_size: Sequence[int], subject: str | None = None) -> Grounding:
+    size: Size = (int(model_size[0]), int(model_size[1]))
+    return ground(completion_text(completion), PromptMode(mode), size, subject=subject)
 
 
-def accuracy_reward(completions: list, answer: list[str], **_: Any) -> list[float]:
-    """1 when the parsed answer is the ground-truth label, else 0 (missing or unknown answers score 0)."""
+def format_reward(completions: list, mode: list[str], model_size: list, **_: Any) -> list[float]:
+    """1 when every part the prompt mode asks for is present and readable (``Grounding.format_ok``), else 0."""
+    return [float(_read(c, m, size).format_ok) for c, m, size in zip(completions, mode, model_size, strict=True)]
+
+
+def accuracy_reward(completions: list, answer: list[str], model_size: list, **_: Any) -> list[float]:
+    """1 when the answer is the ground-truth label, else 0 (missing or unknown answers score 0)."""
     out = []
-    for c, truth in zip(completions, answer, strict=True):
-        parsed = parse_output(completion_text(c))
-        out.append(1.0 if parsed.answer_in_vocabulary and parsed.answer == truth else 0.0)
+    for c, truth, size in zip(completions, answer, model_size, strict=True):
+        grounded = _read(c, PromptMode.ANSWER, size)
+        out.append(1.0 if grounded.answer_in_vocabulary and grounded.answer == truth else 0.0)
     return out
 
 
-def iou_reward(completions: list, target_box: list, **_: Any) -> list[float | None]:
-    """True IoU (continuous, 0..1) of the predicted box with the truth; 0 without a readable box.
+def iou_reward(completions: list, target_box: list, model_size: list, **_: Any) -> list[float | None]:
+    """True IoU (0..1) of the box with the truth, both in model-input pixels; 0 without a readable box.
 
     None for rows without a ground-truth box (Visual-QA rows), where a box is not asked for.
     """
     out: list[float | None] = []
-    for c, truth in zip(completions, target_box, strict=True):
+    for c, truth, size in zip(completions, target_box, model_size, strict=True):
         if truth is None:
             out.append(None)
             continue
-        box = parse_output(completion_text(c)).box
+        box = _read(c, PromptMode.GROUND, size).box
         out.append(iou(box, tuple(truth)) if box is not None else 0.0)
     return out
 
@@ -93,13 +95,10 @@ def coherence_score(text: str, model_size: Sequence[int], subject: str | None) -
 
     A completion without reasoning or without a readable box scores 0: there is nothing to be coherent with.
     """
-    parsed = parse_output(text)
-    if not parsed.reasoning or parsed.box is None:
+    grounded = _read(text, PromptMode.REASON, model_size, subject)
+    if not grounded.reasoning or grounded.coherence is None or not grounded.coherent:
         return 0.0
-    result = check_coherence(parsed.reasoning, parsed.box, (int(model_size[0]), int(model_size[1])), subject)
-    if not result.coherent:
-        return 0.0
-    return 1.0 if result.has_claims else NO_CLAIM_COHERENCE
+    return 1.0 if grounded.coherence.has_claims else NO_CLAIM_COHERENCE
 
 
 def coherence_reward(

@@ -1,5 +1,5 @@
-"""rosbag2 tools without ROS's own bag stack: synthesize, read, play, record and evaluate bags.
+"""rosbag2 I/O without ROS's own bag stack: synthesize, read, play and record bags.
 
-Only ``play``, ``record`` and ``evaluate`` import rclpy, lazily; ``synth`` and ``reader`` work
-without ROS installed.
+Only ``play`` and ``record`` import rclpy, lazily; ``synth``, ``reader`` and ``cdr`` work without ROS
+installed. Evaluating the node on a bag (``bag eval``) is ``surgery_r1_ros.bag_eval``.
 """

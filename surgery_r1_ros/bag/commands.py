@@ -51,6 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(handler=_info)
 
+    from surgery_r1_ros.bag.play import PlayOptions
+
     play = sub.add_parser(
         "play",
         help="play a rosbag2 with its timing (stand-in for `ros2 bag play`)",
@@ -73,9 +75,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     play.add_argument(
         "--wait-for-subscribers",
         type=float,
-        default=0.0,
+        default=PlayOptions.wait_for_subscribers_s,
         metavar="S",
-        help="before playing, wait up to S seconds for each topic to have a subscriber",
+        help="before the first message, wait up to S seconds (default %(default)g) until each topic's publisher "
+        "has matched the subscribers that already run and at least one topic has one, so they miss nothing; "
+        "with no subscriber at all, play after S seconds; 0: play at once (subscribers may miss the first messages)",
     )
     play.add_argument("--delay", type=float, default=0.0, metavar="S", help="sleep S seconds before playing")
     play.add_argument("--json", action="store_true", help="print the playback statistics as JSON")
@@ -280,7 +284,7 @@ def _record(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from surgery_r1_ros.bag.evaluate import EvalOptions, run_eval
+    from surgery_r1_ros.bag_eval import EvalOptions, run_eval
 
     options = EvalOptions(
         questions=args.questions,

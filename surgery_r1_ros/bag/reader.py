@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from surgery_r1_ros.ros_fields import ns_to_seconds
+
 log = logging.getLogger(__name__)
 
 STORAGES = ("mcap", "sqlite3")
@@ -61,7 +63,7 @@ class BagInfo:
 
     @property
     def duration_s(self) -> float:
-        return max(0, self.end_ns - self.start_ns) / 1e9 if self.message_count else 0.0
+        return ns_to_seconds(max(0, self.end_ns - self.start_ns)) if self.message_count else 0.0
 
     def topic(self, name: str) -> TopicInfo:
         for topic in self.topics:

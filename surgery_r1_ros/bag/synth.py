@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from surgery_r1_ros.ros_fields import ns_to_seconds, ns_to_stamp, stamp_to_ns
 from surgery_r1_ros.vocab import parse_question
 
 log = logging.getLogger(__name__)
@@ -106,10 +107,6 @@ def sidecar_path(bag: Path) -> Path:
 def stamp_ns(start_ns: int, index: int, fps: float) -> int:
     """Exact stamp of frame ``index`` (no accumulated rounding drift)."""
     return start_ns + round(index * 1e9 / fps)
-
-
-def split_ns(ns: int) -> tuple[int, int]:
-    return ns // 10**9, ns % 10**9
 
 
 def camera_matrices(size: tuple[int, int], right: bool) -> dict:
@@ -211,7 +208,7 @@ def synth_bag(out: str | Path, options: BagSynthOptions | None = None) -> BagSyn
                 if rgb.shape != (h, w, 3):
                     raise RuntimeError(f"scene renderer gave a {rgb.shape} frame, expected {(h, w, 3)}")
                 ns = stamp_ns(options.start_ns, index, options.fps)
-                sec, nanosec = split_ns(ns)
+                sec, nanosec = ns_to_stamp(ns)
                 for eye in eyes:
                     header = Header(stamp=Time(sec=sec, nanosec=nanosec), frame_id=f"{options.namespace[1:]}_{eye}")
                     pixels = rgb if eye == "left" else right_eye(rgb, disparity)
@@ -270,7 +267,7 @@ def synth_bag(out: str | Path, options: BagSynthOptions | None = None) -> BagSyn
 
 def question_rows(truth, index: int, ns: int, options: BagSynthOptions) -> list[dict]:
     """The sidecar lines of one frame: every ground-truth question with its answer and left-image box."""
-    sec, nanosec = split_ns(ns)
+    sec, nanosec = ns_to_stamp(ns)
     rows = []
     for question, answer, box in truth.qas():
         try:
@@ -280,7 +277,7 @@ def question_rows(truth, index: int, ns: int, options: BagSynthOptions) -> list[
         rows.append(
             {
                 "stamp": {"sec": sec, "nanosec": nanosec},
-                "t": round((ns - options.start_ns) / 1e9, 9),
+                "t": round(ns_to_seconds(ns - options.start_ns), 9),
                 "frame": index,
                 "question": question,
                 "answer": answer,
@@ -331,7 +328,7 @@ def load_questions(path: str | Path) -> list[dict]:
         if "stamp" in row:
             stamp = row["stamp"]
             try:
-                row["stamp_ns"] = int(stamp["sec"]) * 10**9 + int(stamp["nanosec"])
+                row["stamp_ns"] = stamp_to_ns(stamp["sec"], stamp["nanosec"])
             except (KeyError, TypeError, ValueError):
                 raise ValueError(f"{path}:{number}: 'stamp' must be {{sec, nanosec}}") from None
         row["line"] = number

@@ -68,7 +68,12 @@ def _synth(args: argparse.Namespace) -> int:
         difficulty=args.difficulty,
     )
     report = generate_dataset(args.out, options, workers=args.workers)
-    print(report.summary())
+    # counts only: the summary names every test sequence, thousands of them for a large dataset
+    print(
+        f"wrote {report.frames} frames, {report.qa_pairs} QA pairs to {report.out} in {report.seconds:.1f} s "
+        f"({report.frames_per_second:.1f} frames/s, {report.frames_per_cpu_second:.1f} per CPU-second)"
+    )
+    print(f"split: {len(report.train)} train / {len(report.test)} test sequences in {args.out / 'splits.json'}")
     return 0
 
 

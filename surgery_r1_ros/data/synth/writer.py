@@ -84,8 +84,8 @@ class SynthReport:
         return (
             f"wrote {self.frames} frames, {self.qa_pairs} QA pairs to {self.out} in {self.seconds:.1f} s: "
             f"{self.frames_per_second:.1f} frames/s ({self.frames_per_cpu_second:.1f} frames per CPU-second, "
-            f"PNG via {self.png_encoder}); train: {len(self.train)} sequence(s), "
-            f"test: {len(self.test)} ({', '.join(self.test) or 'none'})"
+            f"PNG via {self.png_encoder}); {len(self.train)} train / {len(self.test)} test sequences "
+            f"(names in {self.out / 'splits.json'})"
         )
 
 

@@ -1,17 +1,13 @@
-"""The bag evaluation report: metrics over the asked questions, JSON + Markdown + a PNG sheet. ROS-free.
+"""The bag evaluation report: the shared scores over the asked questions, JSON + Markdown + a PNG sheet. ROS-free.
 
-Scoring rules (stated in the report too):
+Scores come from ``scoring.score_answers``, the function ``surgery-r1 eval`` reports with, so both give the
+same figures for the same answers (rules: ``scoring.DEFINITIONS``, written into every report). What only a
+run against the node has:
 
-- accuracy and macro F-score over every question asked; an unanswered question (service error,
-  timeout) counts as a wrong answer;
-- true mean IoU over every question asked; a missing box scores 0;
-- legacy mIoU (the published Surgical-VQLA number, see ``surgery_r1_ros.metrics``) over the answers
-  that have a box, as the field computes it;
-- coherence rate over the answers that came with reasoning (the node's ``coherent`` flag);
+- a question the node did not answer (refusal, timeout, node gone) counts as no answer: wrong, no box;
+- questions outside the bag's time range, or with no image near their stamp, are not asked: they are
+  counted and listed, not scored;
 - latency p50/p95/max of the node's own ``latency_ms`` and of the client's round trip.
-
-Questions outside the bag's time range, or with no image near their stamp, are not asked; they are
-counted and listed.
 """
 
 from __future__ import annotations
@@ -24,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from surgery_r1_ros import metrics
 from surgery_r1_ros.boxes import Box, scale_box
-
-NO_ANSWER = "<no answer>"
+from surgery_r1_ros.protocol import PromptMode
+from surgery_r1_ros.scoring import DEFINITIONS, NONE_LABEL, AnswerRecord, score_answers
 
 
 @dataclass
@@ -59,9 +54,23 @@ class AskedQuestion:
     answered_stamp_ns: int | None = None
     attempts: int = 0
 
+    def record(self) -> AnswerRecord:
+        """This question and its answer as the shared scoring reads them."""
+        size = self.answered_size or self.image_size
+        return AnswerRecord(
+            truth=self.truth,
+            truth_box=self.truth_box_in_answer_pixels(),
+            frame_size=(int(size[0]), int(size[1])) if size else (0, 0),
+            subject=self.subject,
+            answer=self.answer or None,
+            box=tuple(self.box) if self.box is not None else None,
+            reasoning=self.reasoning or None,
+            coherent=bool(self.coherent),
+        )
+
     @property
     def correct(self) -> bool:
-        return self.success and self.answer == self.truth
+        return self.asked and self.record().label == self.truth
 
     def truth_box_in_answer_pixels(self) -> Box | None:
         """The truth box in the answered frame's pixels (the sidecar may describe another image size)."""
@@ -92,55 +101,32 @@ class EvalReport:
     notes: list[str] = field(default_factory=list)
 
     # -- metrics ---------------------------------------------------------------------------------
+    @property
+    def mode(self) -> PromptMode:
+        return PromptMode.for_request(self.reasoning)
+
     def asked(self) -> list[AskedQuestion]:
         return [q for q in self.questions if q.asked]
 
     def metrics(self) -> dict:
+        """The shared scores (``scoring.score_answers`` keys, without definitions) plus counts and latency."""
         asked = self.asked()
+        scores = score_answers([q.record() for q in asked], self.mode)
+        scores.pop("definitions")
         answered = [q for q in asked if q.success]
-        truth = [q.truth for q in asked]
-        predicted = [q.answer if q.success else NO_ANSWER for q in asked]
-        with_box = [q for q in answered if q.box is not None and q.truth_box is not None]
-        truth_boxes = [q.truth_box_in_answer_pixels() for q in asked]
-        pred_boxes = [tuple(q.box) if (q.success and q.box is not None) else None for q in asked]
-        true_miou = (
-            metrics.mean_iou(
-                [b for b in truth_boxes if b is not None],
-                [p for b, p in zip(truth_boxes, pred_boxes, strict=True) if b is not None],
-            )
-            if any(b is not None for b in truth_boxes)
-            else None
-        )
-        legacy = (
-            metrics.legacy_miou(
-                [q.truth_box_in_answer_pixels() for q in with_box],
-                [tuple(q.box) for q in with_box],
-                [tuple(q.answered_size or q.image_size) for q in with_box],
-            )
-            if with_box
-            else None
-        )
-        reasoned = [q for q in answered if q.reasoning]
         latencies = [q.latency_ms for q in answered if q.latency_ms is not None]
         trips = [q.round_trip_ms for q in asked if q.round_trip_ms is not None]
         by_kind = {}
         for kind in sorted({q.kind for q in asked if q.kind}):
             rows = [q for q in asked if q.kind == kind]
             by_kind[kind] = {"questions": len(rows), "accuracy": sum(q.correct for q in rows) / len(rows)}
-        skipped = Counter(q.skipped for q in self.questions if not q.asked)
-        errors = Counter(_error_key(q.error) for q in asked if not q.success)
         return {
             "questions_in_file": len(self.questions),
             "asked": len(asked),
             "answered": len(answered),
-            "skipped": dict(skipped),
-            "errors": dict(errors),
-            "accuracy": metrics.accuracy(truth, predicted) if asked else None,
-            "f_score": metrics.f_score(truth, predicted) if asked else None,
-            "true_miou": true_miou,
-            "legacy_miou": legacy,
-            "coherence_rate": (sum(bool(q.coherent) for q in reasoned) / len(reasoned)) if reasoned else None,
-            "coherence_checked": len(reasoned),
+            "skipped": dict(Counter(q.skipped for q in self.questions if not q.asked)),
+            "errors": dict(Counter(_error_key(q.error) for q in asked if not q.success)),
+            **scores,
             "latency_ms": _percentiles(latencies),
             "round_trip_ms": _percentiles(trips),
             "by_kind": by_kind,
@@ -162,7 +148,7 @@ class EvalReport:
             "metrics": _round(self.metrics()),
             "play": self.play,
             "notes": self.notes,
-            "scoring": __doc__.split("Scoring rules (stated in the report too):", 1)[1].strip(),
+            "definitions": DEFINITIONS,
         }
 
     def write(self, out: Path, sheet_frames: dict[int, np.ndarray] | None = None, sheet_size: int = 12) -> dict:
@@ -191,8 +177,9 @@ class EvalReport:
         lines = [
             f"asked {m['asked']} of {m['questions_in_file']} questions, answered {m['answered']} "
             f"({self.pace} pace, reasoning {'on' if self.reasoning else 'off'}) in {self.wall_s:.1f} s",
-            f"  accuracy {_fmt(m['accuracy'])}  F-score {_fmt(m['f_score'])}  true mIoU {_fmt(m['true_miou'])}  "
-            f"legacy mIoU {_fmt(m['legacy_miou'])}  coherence {_fmt(m['coherence_rate'])}",
+            f"  accuracy {_fmt(m['accuracy'])}  F-score {_fmt(m['f_score'])}  mIoU {_fmt(m['miou'])}  "
+            f"legacy mIoU {_fmt(m['miou_legacy'])}  format {_fmt(m['format_rate'])}  "
+            f"coherence {_fmt(m['coherence_rate'])}",
             f"  latency p50 {_fmt(m['latency_ms']['p50'], 1)} ms  p95 {_fmt(m['latency_ms']['p95'], 1)} ms  "
             f"max {_fmt(m['latency_ms']['max'], 1)} ms",
             f"  frames played {m['frames_played']}, received by the node "
@@ -212,9 +199,10 @@ class EvalReport:
             ("Asked / answered", f"{m['asked']} / {m['answered']}"),
             ("Accuracy", _fmt(m["accuracy"])),
             ("F-score (macro)", _fmt(m["f_score"])),
-            ("True mIoU", _fmt(m["true_miou"])),
-            ("Legacy mIoU (published metric)", _fmt(m["legacy_miou"])),
-            ("Coherence rate", f"{_fmt(m['coherence_rate'])} of {m['coherence_checked']} reasoned answers"),
+            ("mIoU (true IoU)", _fmt(m["miou"])),
+            ("Legacy mIoU (published metric)", _fmt(m["miou_legacy"])),
+            ("Format rate", _fmt(m["format_rate"])),
+            ("Coherence rate", f"{_fmt(m['coherence_rate'])} of {m['n_with_reasoning'] or 0} reasoned answers"),
             (
                 "Node latency p50 / p95 / max (ms)",
                 f"{_fmt(lat['p50'], 1)} / {_fmt(lat['p95'], 1)} / {_fmt(lat['max'], 1)}",
@@ -270,7 +258,7 @@ class EvalReport:
                 f"{_fmt(iou)} | {'' if q.coherent is None else ('yes' if q.coherent else 'no')} | "
                 f"{_fmt(q.latency_ms, 1)} |"
             )
-        out += ["", "## Scoring", "", __doc__.split("Scoring rules (stated in the report too):", 1)[1].strip(), ""]
+        out += ["", "## Scoring", "", *[f"- `{k}`: {v}" for k, v in DEFINITIONS.items()], ""]
         if has_sheet:
             out += ["![answers: truth green, prediction red](answers.png)", ""]
         return "\n".join(out)
@@ -303,7 +291,7 @@ def annotate(rgb: np.ndarray, q: AskedQuestion, with_reasoning: bool = False) ->
         cv2.rectangle(img, (x1, y1), (x2, y2), (235, 40, 40), thick + 1)
     lines = [
         f"t={q.t:.2f}s  {q.question}",
-        (f"answer: {q.answer or NO_ANSWER}   truth: {q.truth}   " + ("OK" if q.correct else "WRONG"))
+        (f"answer: {q.answer or NONE_LABEL}   truth: {q.truth}   " + ("OK" if q.correct else "WRONG"))
         if q.success
         else f"no answer: {q.error[:70]}   truth: {q.truth}",
         f"IoU {_fmt(_iou(q))}   coherent: {'-' if q.coherent is None else q.coherent}   "
@@ -358,12 +346,7 @@ def write_sheet(
 
 
 def _iou(q: AskedQuestion) -> float | None:
-    from surgery_r1_ros.boxes import iou
-
-    truth = q.truth_box_in_answer_pixels()
-    if not q.success or truth is None:
-        return None
-    return iou(truth, tuple(q.box)) if q.box is not None else 0.0
+    return q.record().iou() if q.asked else None
 
 
 def _wrap(text: str, width: int) -> list[str]:

@@ -1,0 +1,107 @@
+"""The one scoring of answers against the truth: ``surgery-r1 eval`` and ``surgery-r1 bag eval`` both report it.
+
+An ``AnswerRecord`` is one question with its truth and the answer it got, whatever produced it (a completion
+read by ``grounding.ground``, or the node's reply over ROS). ``score_answers`` turns records into the report
+keys the model card uses; ``DEFINITIONS`` states each rule and goes into every report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from surgery_r1_ros import metrics
+from surgery_r1_ros.boxes import Box, Size
+from surgery_r1_ros.coherence import subject_claims
+from surgery_r1_ros.protocol import PromptMode, is_complete
+from surgery_r1_ros.vocab import canonical_answer
+
+NONE_LABEL = "<none>"  # the predicted label of a question with no readable vocabulary answer
+ZERO_BOX: Box = (0.0, 0.0, 0.0, 0.0)
+DEFINITIONS = {
+    "accuracy": "share of questions whose answer equals the label (unanswered or unreadable answers are wrong)",
+    "f_score": "macro F1 over labels seen in truth or prediction (sklearn, zero_division=1); any answer outside "
+    f"the vocabulary counts as the one label {NONE_LABEL}",
+    "miou": "mean true IoU of predicted and true boxes in frame pixels, over questions with a true box; "
+    "a missing box scores 0",
+    "miou_legacy": "Surgical-VQLA mIoU (normalised boxes, +1 rule, no clamp) over the same questions; "
+    "a missing box is [0,0,0,0]",
+    "format_rate": "share of questions answered with every part the prompt mode asks for (protocol.is_complete): "
+    "a vocabulary answer, a box, and non-empty reasoning in reasoning mode",
+    "coherence_rate": "reasoning mode only: among answers with non-empty reasoning, the share that have a box "
+    "and no position claim about the question's subject contradicted by it (coherence.check_coherence); "
+    "reasoning without a box is incoherent, reasoning without a checkable claim is coherent",
+    "claims_rate": "reasoning mode only: among answers with reasoning, the share making >=1 checked claim "
+    "about the subject next to a box",
+}
+
+
+@dataclass(frozen=True)
+class AnswerRecord:
+    """One question's truth and the answer it got (``answer`` None: unanswered)."""
+
+    truth: str
+    truth_box: Box | None  # frame pixels
+    frame_size: Size  # (width, height) of the frame the boxes are in
+    subject: str | None = None  # the instrument asked about (None: the organ)
+    answer: str | None = None
+    box: Box | None = None  # frame pixels
+    reasoning: str | None = None
+    coherent: bool = False  # the runtime's flag: a box and no contradicted claim
+
+    @property
+    def label(self) -> str:
+        """The predicted label: the vocabulary spelling of the answer, else NONE_LABEL."""
+        return (canonical_answer(self.answer) if self.answer else None) or NONE_LABEL
+
+    def format_ok(self, mode: PromptMode) -> bool:
+        return is_complete(mode, self.label != NONE_LABEL, self.box is not None, self.reasoning)
+
+    def iou(self) -> float | None:
+        """True IoU with the truth box (0 without a predicted box; None without a true box)."""
+        if self.truth_box is None:
+            return None
+        return metrics.mean_iou([self.truth_box], [self.box])
+
+
+def score_answers(records: Sequence[AnswerRecord], mode: PromptMode) -> dict:
+    """accuracy, f_score, miou, miou_legacy, format_rate, coherence and claims rates, per-class table, confusion."""
+    mode = PromptMode(mode)
+    n = len(records)
+    truth = [r.truth for r in records]
+    predicted = [r.label for r in records]
+    boxed = [r for r in records if r.truth_box is not None]
+    reasoning_mode = mode is PromptMode.REASON
+    reasoned = [r for r in records if r.reasoning] if reasoning_mode else []
+    with_claims = sum(r.box is not None and bool(subject_claims(r.reasoning, r.subject)) for r in reasoned)
+    return {
+        "n": n,
+        "mode": str(mode),
+        "accuracy": metrics.accuracy(truth, predicted),
+        "f_score": metrics.f_score(truth, predicted),
+        "miou_legacy": metrics.legacy_miou(
+            [r.truth_box for r in boxed], [r.box or ZERO_BOX for r in boxed], [r.frame_size for r in boxed]
+        )
+        if boxed
+        else None,
+        "miou": metrics.mean_iou([r.truth_box for r in boxed], [r.box for r in boxed]) if boxed else None,
+        "coherence_rate": (sum(r.coherent for r in reasoned) / len(reasoned) if reasoned else 0.0)
+        if reasoning_mode
+        else None,
+        "format_rate": sum(r.format_ok(mode) for r in records) / n if n else 0.0,
+        "n_with_reasoning": len(reasoned) if reasoning_mode else None,
+        "claims_rate": (with_claims / len(reasoned) if reasoned else 0.0) if reasoning_mode else None,
+        "per_class": [vars(row) for row in metrics.per_class(truth, predicted)],
+        "confusion": confusion(truth, predicted),
+        "definitions": DEFINITIONS,
+    }
+
+
+def confusion(truth: Sequence[str], predicted: Sequence[str]) -> dict:
+    """Counts of (truth, prediction) pairs: truth labels first, then labels only ever predicted."""
+    labels = sorted(set(truth)) + sorted(set(predicted) - set(truth))
+    index = {label: i for i, label in enumerate(labels)}
+    matrix = [[0] * len(labels) for _ in labels]
+    for t, p in zip(truth, predicted, strict=True):
+        matrix[index[t]][index[p]] += 1
+    return {"labels": labels, "matrix": matrix}

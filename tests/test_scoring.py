@@ -1,0 +1,90 @@
+"""One reading of completions and one scoring: ``surgery-r1 eval`` and ``bag eval`` agree on the same answers."""
+
+from __future__ import annotations
+
+import pytest
+from ros_helpers import ros_available
+from surgery_r1_ros.training.evaluate import Item, score
+
+from surgery_r1_ros.bag_eval.client import fill_answer
+from surgery_r1_ros.bag_eval.report import AskedQuestion, EvalReport
+from surgery_r1_ros.grounding import ground
+from surgery_r1_ros.protocol import PromptMode
+from surgery_r1_ros.ros_fields import box_to_roi, ns_to_stamp
+
+MODEL = (280, 224)  # the model's input: the pixel frame of its boxes
+FRAME = (560, 448)  # the camera frame: boxes are scaled x2
+ITEMS = [
+    Item("a.png", FRAME, "Where is suction located?", "left-top", (40, 40, 200, 160), "suction"),
+    Item("a.png", FRAME, "What is the state of suction?", "Suction", (40, 40, 200, 160), "suction"),
+    Item("a.png", FRAME, "What organ is being operated?", "kidney", (0, 0, 560, 448), None),
+    Item("b.png", FRAME, "Where is stapler located?", "right-top", (300, 20, 540, 200), "stapler"),
+    Item("b.png", FRAME, "What is the state of stapler?", "Staple", (300, 20, 540, 200), "stapler"),
+    Item("b.png", FRAME, "Where is clip_applier located?", "left-bottom", (20, 250, 200, 440), "clip_applier"),
+    Item("b.png", FRAME, "What is the state of clip_applier?", "Clipping", (20, 250, 200, 440), "clip_applier"),
+    Item("b.png", FRAME, "What organ is being operated?", "kidney", (0, 0, 560, 448), None),
+]
+COMPLETIONS = [
+    "<think>The suction is in the upper left.</think><answer>left-top</answer><box>[20,20,100,80]</box>",
+    "<think>The suction is in the lower right.</think><answer>Suction</answer><box>[20,20,60,80]</box>",
+    "<answer>kidney</answer>",  # no box
+    "<think>The stapler sits at the top right.</think><answer>right-top</answer><box>[150,10,400,300]</box>",  # clipped
+    "<think>The stapler is stapling.</think><answer>banana</answer><box>[150,10,270,100]</box>",  # not a label
+    "<think>The clip applier is at the bottom left.</think><answer>left-bottom</answer>",  # reasoning, no box
+    "<answer>Clipping</answer><box>[300,300,400,400]</box>",  # a box entirely outside the image: no box
+    "",  # nothing at all (for the node: an answer that never came)
+]
+
+
+def _bag_report(mode: PromptMode) -> EvalReport:
+    """The same completions as the node would reply them (engine: ``ground``; node: box as RegionOfInterest)."""
+    from surgery_r1_interfaces.srv import AskQuestion
+
+    questions = []
+    for i, (item, text) in enumerate(zip(ITEMS, COMPLETIONS, strict=True)):
+        q = AskedQuestion(i, item.question, item.answer, list(item.box), list(item.size), i, 0.0, item.subject)
+        grounded = ground(text, mode, MODEL, item.size, item.subject)
+        reply = AskQuestion.Response(
+            success=bool(grounded.answer),
+            error="" if grounded.answer else "the model gave no readable answer",
+            answer=grounded.answer or "",
+            reasoning=grounded.reasoning or "",
+            box=box_to_roi(grounded.box),
+            coherent=grounded.coherent,
+        )
+        reply.image_header.stamp.sec, reply.image_header.stamp.nanosec = ns_to_stamp(i)
+        fill_answer(q, reply, 1.0, item.size)
+        questions.append(q)
+    return EvalReport("bag", "q.jsonl", "model", "start", "pause", mode is PromptMode.REASON, questions)
+
+
+@pytest.mark.skipif(not ros_available(), reason="the reply messages need the ROS wheels")
+@pytest.mark.parametrize("mode", [PromptMode.GROUND, PromptMode.REASON])
+def test_eval_and_bag_eval_report_the_same_figures(mode):
+    model_card = score(ITEMS, COMPLETIONS, mode, MODEL)
+    bag = _bag_report(mode).metrics()
+    figures = ("n", "mode", "accuracy", "f_score", "miou", "miou_legacy", "format_rate", "coherence_rate",
+               "n_with_reasoning", "claims_rate", "per_class", "confusion")  # fmt: skip
+    assert {k: bag[k] for k in figures} == {k: model_card[k] for k in figures}
+    # and the figures are the intended ones, not merely equal
+    assert model_card["accuracy"] == pytest.approx(6 / 8)  # banana and the empty completion are wrong
+    assert model_card["format_rate"] == pytest.approx(3 / 8)  # 0, 1 and 3 have every part
+    clipped = (540 - 300) * (200 - 20) / ((560 - 300) * (448 - 20))  # the true box lies inside the clipped one
+    assert model_card["miou"] == pytest.approx((1.0 + 0.5 + clipped + 1.0) / 8)
+    if mode is PromptMode.REASON:
+        # reasoned: 0 coherent, 1 contradicted, 3 coherent (clipped box still top right), 4 no claim, 5 no box
+        assert model_card["n_with_reasoning"] == 5
+        assert model_card["coherence_rate"] == pytest.approx(3 / 5)
+        assert model_card["claims_rate"] == pytest.approx(3 / 5)
+    else:
+        assert model_card["coherence_rate"] is None
+
+
+def test_ground_clips_scales_and_checks_coherence():
+    text = "<think>The suction is in the upper left.</think><answer>left-top</answer><box>[-10,120,100,300]</box>"
+    grounded = ground(text, PromptMode.REASON, MODEL, FRAME, "suction")
+    assert grounded.model_box == (0.0, 120.0, 100.0, 224.0)  # clipped to the model's image
+    assert grounded.box == (0, 240, 200, 448)  # then scaled to the frame
+    assert grounded.format_ok and grounded.coherence is not None and not grounded.coherent  # centre is low
+    empty = ground("<answer>Idle</answer><box>[300,300,400,400]</box>", PromptMode.GROUND, MODEL, FRAME)
+    assert empty.box is None and not empty.format_ok and any("empty" in p for p in empty.problems)
