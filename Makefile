@@ -14,7 +14,7 @@ TORCH := torch==2.13.0
 # scikit-build-core; its build requirements come with requirements/ros.txt, hence --no-build-isolation.
 $(STAMP): requirements/core.txt requirements/ros.txt requirements/dev.txt setup.py \
 		$(wildcard surgery_r1_interfaces/*.txt surgery_r1_interfaces/*.toml surgery_r1_interfaces/*.xml \
-			surgery_r1_interfaces/cmake/* surgery_r1_interfaces/msg/* surgery_r1_interfaces/srv/*)
+			surgery_r1_interfaces/cmake/* surgery_r1_interfaces/msg/* surgery_r1_interfaces/srv/* surgery_r1_interfaces/action/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)

@@ -70,13 +70,9 @@ def frame(i: int) -> np.ndarray:
 
 
 def make_engine(backend: str):
-    if ":" in backend:
-        from surgery_r1_ros.node.engine_loader import load_engine
+    from surgery_r1_ros.engine import open_engine
 
-        return load_engine("", backend, "cpu").engine
-    from surgery_r1_ros.engine import Engine
-
-    return Engine(None, backend=backend, device="cpu")
+    return open_engine(None, backend, "cpu")
 
 
 def direct_engine(engine, questions: int) -> dict:

@@ -156,6 +156,7 @@ def engine_matches_generate(loaded, device: str, tokens: int) -> dict:
 
     from surgery_r1_ros.bench import synthetic_images
     from surgery_r1_ros.engine import Engine
+    from surgery_r1_ros.engine.decode import generate
     from surgery_r1_ros.model import encode_prompt
     from surgery_r1_ros.protocol import PromptMode
 
@@ -163,13 +164,8 @@ def engine_matches_generate(loaded, device: str, tokens: int) -> dict:
     engine = Engine(loaded, backend="torch", device=device)
     try:  # the backend calls the engine makes, but returning token ids (a random model's text is empty)
         suffix = engine.suffix_ids(QUESTIONS[0], PromptMode.GROUND)
-        prompt = engine.prompt_ids(QUESTIONS[0], PromptMode.GROUND)
-        features = engine.processor.image_processor(images=[image], input_data_format="channels_last",
-                                                    return_tensors="pt")  # fmt: skip
-        frame, _ = engine.backend.encode_frame(
-            features["pixel_values"], features["image_grid_thw"][0], prompt[: len(prompt) - len(suffix)]
-        )
-        got, _ = engine.backend.generate(frame, suffix, tokens, ())
+        engine.encode(image, stamp="check")
+        got = generate(engine.backend, engine.frame_state("check"), suffix, tokens, ()).tokens
     finally:
         engine.close()
     with torch.inference_mode():

@@ -15,6 +15,9 @@ What is written to the output folder (everything the onnxruntime and TensorRT ba
 - ``export_manifest.json``: input/output names, shapes, dtypes, image size, token ids, model config hash,
   opset and the sha256 of each ONNX file (the TensorRT engine cache key).
 
+The folder layout, the manifest's reading and the on-demand export cache are in
+``surgery_r1_ros.engine.artifacts`` (torch-free; the runtime reads it without importing this module).
+
 Exported with the TorchScript-based exporter (``dynamo=False``): optimum cannot export Qwen2.5-VL with
 transformers 5.x, and the dynamo exporter needs the vision tower's window indices precomputed. A LoRA adapter
 folder (``adapter_config.json``) is merged into its base model first.
@@ -36,26 +39,23 @@ import numpy as np
 import torch
 from torch import nn
 
+from surgery_r1_ros.engine.artifacts import (
+    DECODER_FILE,
+    EMBEDDINGS_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    PROCESSOR_DIR,
+    VISION_FILE,
+    past_names,
+    present_names,
+    write_manifest,
+)
+
 log = logging.getLogger(__name__)
 
-MANIFEST = "export_manifest.json"
-FORMAT = "surgery_r1_onnx"
-FORMAT_VERSION = 1
 DEFAULT_OPSET = 17
-VISION_FILE = "vision.onnx"
-DECODER_FILE = "decoder.onnx"
-EMBEDDINGS_FILE = "embed_tokens.npy"
-PROCESSOR_DIR = "processor"
 # Example sizes used only to trace the decoder; every sequence axis is exported dynamic.
 TRACE_PAST, TRACE_SEQ = 5, 3
-
-
-def past_names(num_layers: int) -> list[str]:
-    return [f"past_{kind}.{i}" for i in range(num_layers) for kind in ("key", "value")]
-
-
-def present_names(num_layers: int) -> list[str]:
-    return [f"present_{kind}.{i}" for i in range(num_layers) for kind in ("key", "value")]
 
 
 # --------------------------------------------------------------------------------------------- torch wrappers
@@ -357,92 +357,3 @@ def export_onnx(model_dir: str | Path | None, out_dir: str | Path, *, opset: int
     write_manifest(out, manifest)
     log.info("exported %s and %s to %s in %.1f s", VISION_FILE, DECODER_FILE, out, manifest["export_seconds"])
     return manifest
-
-
-def write_manifest(out_dir: str | Path, manifest: dict) -> Path:
-    path = Path(out_dir) / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
-    return path
-
-
-def load_manifest(onnx_dir: str | Path) -> dict:
-    """The manifest of an export folder, with a clear error when the folder is not one."""
-    folder = Path(onnx_dir).expanduser()
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{folder} has no {MANIFEST}: it is not an ONNX export folder; make one with "
-            "`surgery-r1 export onnx --out DIR`"
-        )
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT or int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} manifest (re-export with this version)")
-    for key in ("vision", "decoder", "embeddings"):
-        file = folder / manifest["files"][key]
-        if not file.is_file():
-            raise FileNotFoundError(f"{file} named by {path} is missing; re-run the export")
-    return manifest
-
-
-# --------------------------------------------------------------------------------------------- export cache
-
-
-def cache_root() -> Path:
-    """Where exports made on demand (a backend given a model folder instead of an export folder) are kept."""
-    import os
-
-    root = os.environ.get("SURGERY_R1_CACHE") or Path.home() / ".cache" / "surgery_r1"
-    return Path(root) / "onnx"
-
-
-def folder_fingerprint(folder: str | Path) -> str:
-    """A cheap identity of a model folder: file names, sizes and modification times (no hashing of weights)."""
-    folder = Path(folder).expanduser().resolve()
-    digest = hashlib.sha256(f"{FORMAT}/{FORMAT_VERSION}/{torch.__version__}/{folder}".encode())
-    for file in sorted(p for p in folder.iterdir() if p.is_file()):
-        stat = file.stat()
-        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
-
-
-def ensure_export(model=None, onnx_dir: str | Path | None = None) -> Path:
-    """An export folder for ``model`` (an export folder, a model folder, a LoadedModel or None = built-in).
-
-    A model folder is exported once into ``cache_root()/<fingerprint>`` and reused while its files are
-    unchanged; a LoadedModel built in memory is exported to a fresh temporary folder.
-    """
-    import tempfile
-
-    from surgery_r1_ros.model import BUILTIN_MODEL_DIR, LoadedModel
-
-    if onnx_dir is not None:
-        load_manifest(onnx_dir)
-        return Path(onnx_dir).expanduser()
-    if isinstance(model, LoadedModel):
-        if model.path is None:
-            out = Path(tempfile.mkdtemp(prefix="surgery_r1_onnx_"))
-            export_onnx(None, out, loaded=model)
-            return out
-        model = model.path
-    folder = Path(model).expanduser() if model is not None else BUILTIN_MODEL_DIR
-    if (folder / MANIFEST).is_file():
-        load_manifest(folder)
-        return folder
-    out = cache_root() / folder_fingerprint(folder)
-    if (out / MANIFEST).is_file():
-        try:
-            load_manifest(out)
-            return out
-        except (FileNotFoundError, ValueError):
-            log.warning("cached export %s is incomplete; exporting again", out)
-    log.info("exporting %s to ONNX (cached in %s)", folder, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    export_onnx(folder, staging)
-    if out.exists():  # a concurrent export finished first, or a broken one is in the way
-        shutil.rmtree(out, ignore_errors=True)
-    try:
-        staging.rename(out)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out

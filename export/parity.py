@@ -44,9 +44,11 @@ def check_parity(
     write: bool = True,
 ) -> dict:
     """Compare the export in ``onnx_dir`` with ``model`` (folder, LoadedModel or None = the manifest's model)."""
-    from surgery_r1_ros.export.onnx_export import VisionEncoder, load_for_export, load_manifest, write_manifest
+    from surgery_r1_ros.export.onnx_export import VisionEncoder, load_for_export
 
-    from surgery_r1_ros.engine import Engine
+    from surgery_r1_ros.engine.artifacts import load_manifest, write_manifest
+    from surgery_r1_ros.engine.decode import generate
+    from surgery_r1_ros.engine.engine import Engine
     from surgery_r1_ros.model import LoadedModel
 
     start = time.perf_counter()
@@ -74,20 +76,19 @@ def check_parity(
             torch_embeds = vision(pixels).numpy()
         onnx_embeds = ort.vision.run(["image_embeds"], {"pixel_values": pixels.numpy()})[0]
         embeds_diff = max(embeds_diff, float(np.abs(torch_embeds - onnx_embeds).max()))
-        frames = {}
+        engines = {"torch": torch_engine, "onnxruntime": ort_engine}
+        for engine in engines.values():
+            engine.encode(image, stamp=("parity", i))
+        frames = {name: engine.frame_state(("parity", i)) for name, engine in engines.items()}
         for question in questions:
             for mode in modes:
                 suffix = torch_engine.suffix_ids(question, mode)
                 prompt = torch_engine.prompt_ids(question, mode)
                 if ort_engine.prompt_ids(question, mode) != prompt:
                     raise RuntimeError("the export's processor tokenizes prompts differently from the model's")
-                prefix = prompt[: len(prompt) - len(suffix)]
-                for name, engine in (("torch", torch_engine), ("onnxruntime", ort_engine)):
-                    if name not in frames:
-                        frames[name] = engine.backend.encode_frame(pixels, grid, prefix)[0]
                 stops = torch_engine.stop_ids
-                ort_tokens, _ = ort.generate(frames["onnxruntime"], suffix, max_new_tokens, stops)
-                torch_tokens, _ = torch_engine.backend.generate(frames["torch"], suffix, max_new_tokens, stops)
+                ort_tokens = generate(ort, frames["onnxruntime"], suffix, max_new_tokens, stops).tokens
+                torch_tokens = generate(torch_engine.backend, frames["torch"], suffix, max_new_tokens, stops).tokens
                 hf_tokens = _hf_generate(hf, prompt, pixels, grid, image_token, max_new_tokens, stops)
                 # Logits along the torch answer: one full forward pass vs the frame-ahead ONNX path.
                 ref = _hf_logits(hf, prompt, torch_tokens, pixels, grid, image_token)

@@ -11,7 +11,8 @@ profiles for the decoder's dynamic sequence / past lengths, computed from ``expo
 
 Engines are cached: a file name holds the sha256 of the ONNX file (and its external data), the precision,
 the profiles and the TensorRT version, so an unchanged export is never rebuilt. ``tensorrt_manifest.json``
-beside the engines tells the TensorRT backend what is where.
+beside the engines tells the TensorRT backend what is where (names and cache keys:
+``surgery_r1_ros.engine.artifacts``).
 
 TensorRT cannot be installed on the CPU development machines: everything that needs no ``tensorrt``
 (profiles, cache keys, the missing-module error) is tested there; building was written against the
@@ -20,40 +21,29 @@ TensorRT 10 API and must be verified on a CUDA machine.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from surgery_r1_ros.engine.artifacts import (
+    TIMING_CACHE,
+    TRT_FORMAT,
+    TRT_MANIFEST,
+    engine_filename,
+    load_manifest,
+)
+from surgery_r1_ros.engine.tensorrt_backend import import_tensorrt
+
 log = logging.getLogger(__name__)
 
-TRT_MANIFEST = "tensorrt_manifest.json"
-TIMING_CACHE = "timing.cache"
 PRECISIONS = ("fp32", "fp16", "bf16")
 # The prefix prefill runs after a masked one-token dummy past (see module docstring).
 DUMMY_PAST = 1
 
 Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
-
-
-class TensorRTNotInstalled(RuntimeError):
-    """``import tensorrt`` failed: say how to get it."""
-
-
-def import_tensorrt():
-    """The ``tensorrt`` module, or a TensorRTNotInstalled error that says what to install where."""
-    try:
-        import tensorrt
-    except ImportError as err:
-        raise TensorRTNotInstalled(
-            "TensorRT is not installed: pip install tensorrt on a CUDA machine (NVIDIA driver and GPU needed; "
-            "tensorrt-cu12 or tensorrt-cu13 to match the CUDA of your torch), then re-run. "
-            f"Without it use the onnxruntime or torch backend. ({type(err).__name__}: {err})"
-        ) from err
-    return tensorrt
 
 
 @dataclass(frozen=True)
@@ -118,26 +108,6 @@ def vision_shapes(manifest: dict) -> Profile:
     return {spec["name"]: (shape, shape, shape)}
 
 
-# --------------------------------------------------------------------------------------------- cache keys
-
-
-def profiles_digest(profiles: dict[str, Profile] | list[Profile]) -> str:
-    return hashlib.sha256(json.dumps(profiles, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def engine_cache_key(onnx_sha256: str, precision: str, profiles, trt_version: str) -> str:
-    """What makes an engine reusable: the exact ONNX bytes, precision, profiles and TensorRT version."""
-    text = json.dumps([onnx_sha256, precision, profiles_digest(profiles), trt_version], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def engine_filename(onnx_name: str, onnx_sha256: str, precision: str, profiles, trt_version: str) -> str:
-    """``decoder-<onnx sha[:12]>-fp16-<key>.engine``: the ONNX hash shows in the name, the key covers the rest."""
-    stem = Path(onnx_name).stem
-    key = engine_cache_key(onnx_sha256, precision, profiles, trt_version)
-    return f"{stem}-{onnx_sha256[:12]}-{precision}-{key}.engine"
-
-
 # --------------------------------------------------------------------------------------------- building
 
 
@@ -189,7 +159,7 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[Profile], se
 
 def plan_engines(onnx_dir: str | Path, settings: BuildSettings, trt_version: str) -> dict:
     """What would be built: engine file names (cache keys) and profiles, without TensorRT."""
-    from surgery_r1_ros.export.onnx_export import load_manifest, onnx_sha256
+    from surgery_r1_ros.export.onnx_export import onnx_sha256
 
     onnx_dir = Path(onnx_dir).expanduser()
     manifest = load_manifest(onnx_dir)
@@ -225,7 +195,7 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, settings: BuildSett
         build_engine(onnx_dir / entry["onnx"], out / entry["engine"], plan["profiles"][part], settings, timing_cache,
                      trt=trt)  # fmt: skip
     manifest = {
-        "format": "surgery_r1_tensorrt",
+        "format": TRT_FORMAT,
         "format_version": 1,
         "onnx_dir": str(onnx_dir),
         "tensorrt_version": trt.__version__,
@@ -237,13 +207,3 @@ def build_engines(onnx_dir: str | Path, out_dir: str | Path, settings: BuildSett
     }
     (out / TRT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def load_trt_manifest(engine_dir: str | Path) -> dict:
-    path = Path(engine_dir).expanduser() / TRT_MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path.parent} has no {TRT_MANIFEST}; build engines with "
-            "`surgery-r1 export tensorrt --onnx ONNX_DIR --out DIR`"
-        )
-    return json.loads(path.read_text())

@@ -52,7 +52,7 @@ def generate_launch_description() -> LaunchDescription:
             "model_path", default_value="", description="Model folder; empty: the built-in model in the package"
         ),
         DeclareLaunchArgument(
-            "backend", default_value="torch", description="Inference backend, or package.module:ClassName"
+            "backend", default_value="auto", description="auto, torch, onnxruntime, tensorrt or package.module:Class"
         ),
         DeclareLaunchArgument("device", default_value="auto", description="auto, cpu, cuda or cuda:N"),
         DeclareLaunchArgument(

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from surgery_r1_ros.coherence import describe_position
-from surgery_r1_ros.engine.engine import GroundedAnswer
+from surgery_r1_ros.engine.api import GroundedAnswer
 from surgery_r1_ros.vocab import parse_question
 
 
@@ -29,7 +29,11 @@ class OracleEngine:
         with open(os.environ["BAG_ORACLE_TABLE"]) as f:
             self.table = json.load(f)
 
-    def ask(self, question, image=None, stamp=None, reasoning=False, max_new_tokens=None) -> GroundedAnswer:
+    def encode(self, image, stamp=None):
+        return stamp  # nothing to encode ahead: answers come from the table
+
+    def ask(self, question, image=None, stamp=None, reasoning=False, max_new_tokens=None, *, on_token=None,
+            cancelled=None) -> GroundedAnswer:  # fmt: skip
         start = time.perf_counter()
         time.sleep(0.01)
         known = self.table.get(frame_key(image), {}).get(question)

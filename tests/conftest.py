@@ -52,3 +52,13 @@ def write_dataset(root: Path, labels: dict[str, dict[str, list[str]]] = LABELS) 
 def tiny_vqla(tmp_path: Path) -> Path:
     """Three sequences: seq_1 and seq_5 are EndoVis-18 test sequences, seq_2 a training one."""
     return write_dataset(tmp_path / "vqla")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_export_cache(tmp_path_factory):
+    """ONNX exports made on demand (backend auto or onnxruntime) go to one folder per test session, not ~/.cache;
+    child processes (nodes, demo) inherit it."""
+    root = tmp_path_factory.getbasetemp() / "onnx_cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SURGERY_R1_CACHE", str(root))
+        yield root

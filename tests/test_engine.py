@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import itertools
 import json
 import tracemalloc
 
@@ -12,7 +14,8 @@ import pytest
 import torch
 
 from surgery_r1_ros import cli
-from surgery_r1_ros.engine import Engine, EngineError, available_backends, register_backend
+from surgery_r1_ros.engine import Cancelled, Engine, EngineError, InputError, available_backends, open_engine
+from surgery_r1_ros.engine.decode import generate
 from surgery_r1_ros.engine.rope import prefix_positions
 from surgery_r1_ros.engine.torch_backend import TorchBackend
 from surgery_r1_ros.model import build_builtin, encode_prompt
@@ -83,8 +86,8 @@ def test_frame_ahead_tokens_equal_model_generate(engine, loaded, mode):
             batch = encode_prompt(loaded.processor, [image], [question], mode)
             with torch.inference_mode():
                 expected = loaded.model.generate(**batch, max_new_tokens=16)[0, batch["input_ids"].shape[1] :]
-            frame = engine._frames[stamp].state
-            tokens, _ = engine.backend.generate(frame, engine.suffix_ids(question, mode), 16, engine.stop_ids)
+            frame = engine.frame_state(stamp)
+            tokens = generate(engine.backend, frame, engine.suffix_ids(question, mode), 16, engine.stop_ids).tokens
             assert tokens == expected.tolist(), (seed, question)
             outputs.add(tuple(tokens))
     assert len(outputs) >= 8  # 12 prompts: the answers really depend on image and question
@@ -121,14 +124,24 @@ class ScriptedBackend:
         self.processor = processor
         self.completion = completion
         self.encoded = 0
+        self.steps = 0  # decode steps run
+
+    def session(self):
+        return contextlib.nullcontext()
 
     def encode_frame(self, pixel_values, image_grid_thw, prefix_ids):
         self.encoded += 1
         return {"grid": image_grid_thw.tolist()}, {"vision_encode_ms": 1.0, "prefix_prefill_ms": 1.0}
 
-    def generate(self, frame_state, suffix_ids, max_new_tokens, stop_ids):
+    def prefill(self, frame_state, suffix_ids, max_new_tokens):
         ids = self.processor.tokenizer(self.completion + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        return ids[:max_new_tokens], {"prefill_ms": 1.0, "decode_ms": 2.0}
+        upcoming = iter(ids[1:])
+
+        def step(_token: int) -> int:
+            self.steps += 1
+            return next(upcoming)
+
+        return ids[0], step
 
     def close(self) -> None:
         pass
@@ -137,9 +150,7 @@ class ScriptedBackend:
 @pytest.fixture
 def scripted(loaded):
     backend = ScriptedBackend(loaded.processor)
-    register_backend("scripted", lambda model, **options: backend)
-    engine = Engine(None, backend="scripted", cache_size=2)
-    return engine, backend
+    return Engine(None, backend=backend, cache_size=2), backend
 
 
 def test_box_is_scaled_to_the_original_image(scripted):
@@ -193,6 +204,8 @@ def test_answer_json_and_timings(scripted):
     for key in ("preprocess_ms", "vision_encode_ms", "prefill_ms", "decode_ms", "total_ms", "decode_ms_per_token"):
         assert data["timings"][key] >= 0
     assert data["latency_ms"] == pytest.approx(data["timings"]["total_ms"])
+    assert data["encode_ms"] >= 2.0  # the frame was encoded in this ask (the scripted backend reports 2 ms)
+    assert engine.ask(QUESTIONS[2], stamp=answer.stamp).encode_ms == 0.0  # asked again: already encoded
 
 
 # -- input checks ---------------------------------------------------------------------------------------
@@ -213,9 +226,9 @@ def test_answer_json_and_timings(scripted):
 )
 def test_bad_images_are_refused_with_advice(scripted, image, message):
     engine, _ = scripted
-    with pytest.raises(EngineError, match=message):
+    with pytest.raises(InputError, match=message):
         engine.ask(QUESTIONS[0], image=image)
-    with pytest.raises(EngineError, match=message):
+    with pytest.raises(InputError, match=message):
         engine.encode(image)
 
 
@@ -231,7 +244,7 @@ def test_bad_images_are_refused_with_advice(scripted, image, message):
 )
 def test_bad_questions_are_refused(scripted, question, message):
     engine, _ = scripted
-    with pytest.raises(EngineError, match=message):
+    with pytest.raises(InputError, match=message):
         engine.ask(question, image=_image(64, 64))
 
 
@@ -241,18 +254,69 @@ def test_unknown_backend_lists_the_available_ones():
     assert "torch" in available_backends()
 
 
+def test_open_engine_builds_user_classes_and_checks_the_contract():
+    engine = open_engine("some/model", "fake_engines:ScriptedEngine", "cpu", max_question_length=80)
+    answer = engine.ask("Where is suction located?", image=_image(64, 64), stamp=1)
+    assert answer.answer == "left-top" and answer.box == (0, 0, 32, 32)
+    with pytest.raises(EngineError, match="cannot import 'Nope' from 'fake_engines'"):
+        open_engine(None, "fake_engines:Nope")
+    with pytest.raises(EngineError, match="lacks encode"):
+        open_engine(None, "fake_engines:AskOnly")
+
+
+# -- streaming and cancel ----------------------------------------------------------------------------------
+def test_tokens_stream_in_order_and_end_in_the_answer(scripted):
+    engine, backend = scripted
+    reasoning = "The suction is in the upper left. Its tip touches tissue."
+    backend.completion = build_target("Suction", (10, 10, 60, 60), reasoning)
+    seen = []
+    answer = engine.ask(QUESTIONS[0], image=_image(224, 280), reasoning=True, on_token=seen.append)
+    assert [p.new_tokens for p in seen] == list(range(1, answer.new_tokens + 1))
+    assert seen[-1].text == answer.text
+    texts = [p.reasoning for p in seen]
+    assert all(b.startswith(a) for a, b in itertools.pairwise(texts))  # the reasoning only grows
+    assert texts[-1] == answer.reasoning == reasoning
+
+
+def test_cancel_stops_before_the_next_decode_step(scripted):
+    engine, backend = scripted
+    backend.completion = build_target("Suction", (10, 10, 60, 60), "word " * 40)
+    seen = []
+    with pytest.raises(Cancelled) as stop:
+        engine.ask(QUESTIONS[0], image=_image(224, 280), reasoning=True, on_token=seen.append,
+                   cancelled=lambda: len(seen) >= 7)  # fmt: skip
+    assert backend.steps == 6  # the first token comes from the prefill; no step after the check said stop
+    assert stop.value.progress.new_tokens == 7 == len(seen)
+    assert stop.value.progress.reasoning == seen[-1].reasoning and stop.value.progress.reasoning.startswith("word")
+    backend.completion = build_target("kidney", (1, 2, 3, 4))
+    assert engine.ask(QUESTIONS[2]).answer == "kidney"  # the engine answers normally afterwards
+
+
+def test_cancel_on_the_torch_backend_costs_at_most_one_step(engine):
+    """The real decode loop: a cancel raised after the 3rd token ends the ask with exactly 3 tokens."""
+    seen = []
+    image = _image(80, 120, 5)
+    full = engine.ask(QUESTIONS[1], image=image, stamp="cancel", reasoning=True, max_new_tokens=12)
+    assert full.new_tokens > 4
+    with pytest.raises(Cancelled) as stop:
+        engine.ask(QUESTIONS[1], stamp="cancel", reasoning=True, max_new_tokens=12, on_token=seen.append,
+                   cancelled=lambda: len(seen) >= 3)  # fmt: skip
+    assert len(seen) == 3 and stop.value.progress.new_tokens == 3
+    assert full.text.startswith(stop.value.progress.text)  # the same tokens as the uncancelled ask
+
+
 # -- frame cache ---------------------------------------------------------------------------------------------
 def test_frame_cache_is_lru_and_bounded(scripted):
     engine, backend = scripted
     backend.completion = build_target("kidney", (1, 2, 3, 4))
-    with pytest.raises(EngineError, match="no frame has been encoded"):
+    with pytest.raises(InputError, match="no frame has been encoded"):
         engine.ask(QUESTIONS[2])
     for stamp in (1, 2):
         engine.encode(_image(64, 64, stamp), stamp=stamp)
     engine.ask(QUESTIONS[2], stamp=1)  # 1 becomes the most recently used
     engine.encode(_image(64, 64, 3), stamp=3)  # evicts 2
     assert engine.cached_stamps == [1, 3]
-    with pytest.raises(EngineError, match="no encoded frame with stamp 2"):
+    with pytest.raises(InputError, match="no encoded frame with stamp 2"):
         engine.ask(QUESTIONS[2], stamp=2)
     encoded = backend.encoded
     engine.encode(_image(64, 64, 3), stamp=3)  # same stamp: not encoded again

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from surgery_r1_ros.export.onnx_export import (
-    MANIFEST,
-    ensure_export,
-    export_onnx,
-    load_for_export,
-    load_manifest,
-    onnx_sha256,
-)
+from surgery_r1_ros.export.onnx_export import load_for_export, onnx_sha256
 from surgery_r1_ros.export.parity import check_parity
 
 from surgery_r1_ros.engine import Engine, EngineError
+from surgery_r1_ros.engine.artifacts import MANIFEST, load_manifest, onnx_cache_dir, onnx_export_for
 from surgery_r1_ros.engine.onnxruntime_backend import PREFERRED_PROVIDERS, choose_providers
 from surgery_r1_ros.model import BUILTIN_MODEL_DIR, build_builtin, load_model, save_model
 from surgery_r1_ros.protocol import PromptMode
@@ -39,7 +36,7 @@ def onnx_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def onnx_dir(onnx_cache) -> Path:
-    return ensure_export(None)
+    return onnx_export_for(None)
 
 
 def _image(seed: int = 0, w: int = 640, h: int = 512) -> np.ndarray:
@@ -76,19 +73,26 @@ def test_parity_with_torch_on_the_builtin_model(onnx_dir):
     assert load_manifest(onnx_dir)["parity"]["passed"] is True
 
 
-def test_parity_gives_identical_varied_answers_on_a_sharpened_model(tmp_path):
+def test_parity_gives_identical_varied_answers_on_a_sharpened_model(tmp_path, monkeypatch, caplog):
     """Parity on answers that differ between images: a random-init model of the built-in architecture with
-    scaled-up weights (the trained built-in model answers from the text prior, the same for every image)."""
+    scaled-up weights (the trained built-in model answers from the text prior, the same for every image).
+    Exported the way the runtime does it: one logged step that names the cache folder, then reused."""
     loaded = build_builtin(["Where is bipolar_forceps located?"], seed=1)
     with torch.no_grad():
         for param in loaded.model.parameters():
             if param.ndim == 2:
                 param.mul_(4.0)
     folder = save_model(loaded, tmp_path / "sharp")
-    export_onnx(folder, tmp_path / "onnx")
-    result = check_parity(
-        tmp_path / "onnx", folder, images=2, questions=(QUESTION,), modes=(PromptMode.GROUND,), max_new_tokens=8
-    )
+    monkeypatch.setenv("SURGERY_R1_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level(logging.INFO, logger="surgery_r1_ros.engine.artifacts"):
+        exported = onnx_export_for(folder)
+        assert exported == onnx_cache_dir(folder) and exported.parent == tmp_path / "cache" / "onnx"
+        assert f"the result is cached in {exported}" in caplog.text and "exporting" in caplog.text
+        caplog.clear()
+        assert onnx_export_for(folder) == exported
+        assert "exporting" not in caplog.text and f"using the cached ONNX export of {folder}" in caplog.text
+    result = check_parity(exported, folder, images=2, questions=(QUESTION,), modes=(PromptMode.GROUND,),
+                          max_new_tokens=8)  # fmt: skip
     print(
         f"sharpened parity: max |logit diff| {result['max_abs_logit_diff']:.3g}, {result['distinct_answers']} answers"
     )
@@ -100,6 +104,7 @@ def test_engine_answers_in_both_modes_on_onnxruntime(onnx_dir):
     engine = Engine(onnx_dir, backend="onnxruntime", device="cpu", max_new_tokens=6)
     try:
         assert engine.backend.active_providers == ["CPUExecutionProvider"]
+        assert engine.backend.decoder.get_session_options().intra_op_num_threads == 1  # a small model on CPU
         engine.encode(_image(1), stamp=7)
         first = engine.ask(QUESTION, stamp=7)
         again = engine.ask(QUESTION, stamp=7)  # the cached frame state is not modified by an ask
@@ -112,6 +117,26 @@ def test_engine_answers_in_both_modes_on_onnxruntime(onnx_dir):
             engine.backend.encode_frame(np.zeros((4, 1176), np.float32), [1, 2, 2], [1, 2, 3])
     finally:
         engine.close()
+
+
+def test_auto_backend_is_onnxruntime_on_cpu_and_falls_back_to_torch(onnx_dir, monkeypatch, caplog):
+    """The node's default: the fastest measured backend (onnxruntime on CPU, from the cached export)."""
+    from surgery_r1_ros.engine import onnxruntime_backend, open_engine
+    from surgery_r1_ros.engine.backends import default_backend
+
+    assert default_backend("cpu") == "onnxruntime" and default_backend("cuda:1") == "torch"
+    engine = open_engine(None, "auto", "cpu", max_new_tokens=2)
+    assert engine.backend.name == "onnxruntime" and engine.backend.onnx_dir == onnx_dir
+    engine.close()
+
+    def cannot_export(*_args, **_kwargs):
+        raise RuntimeError("torch.onnx cannot trace this model")
+
+    monkeypatch.setattr(onnxruntime_backend, "create", cannot_export)
+    with caplog.at_level(logging.WARNING):
+        engine = open_engine(None, "auto", "cpu", max_new_tokens=2)
+    assert engine.backend.name == "torch"
+    assert "onnxruntime is not usable for this model" in caplog.text and "cannot trace" in caplog.text
 
 
 def test_choose_providers_prefers_tensorrt_then_cuda_then_cpu():
@@ -134,11 +159,29 @@ def test_choose_providers_prefers_tensorrt_then_cuda_then_cpu():
 
 def test_export_is_cached_by_model_folder(onnx_dir, tmp_path):
     stamp = os.stat(onnx_dir / MANIFEST).st_mtime_ns
-    assert ensure_export(None) == onnx_dir  # same folder, not exported again
-    assert ensure_export(onnx_dir) == onnx_dir  # an export folder is used as it is
+    assert onnx_export_for(None) == onnx_dir  # same folder, not exported again
+    assert onnx_export_for(onnx_dir) == onnx_dir  # an export folder is used as it is
     assert os.stat(onnx_dir / MANIFEST).st_mtime_ns == stamp
     with pytest.raises(FileNotFoundError, match="not an ONNX export folder"):
         load_manifest(tmp_path)
+
+
+def test_the_runtime_reads_a_cached_export_without_torch_onnx_or_export_tooling(onnx_dir, onnx_cache):
+    """Artifacts are read by a torch-free module; an engine on a cached export never imports surgery_r1_ros.export."""
+    code = (
+        "import sys\n"
+        "import surgery_r1_ros.engine.artifacts\n"
+        "assert 'torch' not in sys.modules, 'the artifact module imported torch'\n"
+        "from surgery_r1_ros.engine import open_engine\n"
+        "engine = open_engine(None, 'onnxruntime', 'cpu', max_new_tokens=2)\n"
+        "import numpy as np\n"
+        "engine.ask('What organ is being operated?', image=np.zeros((64, 80, 3), np.uint8))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('surgery_r1_ros.export') or m == 'onnx'))\n"
+    )
+    env = {**os.environ, "SURGERY_R1_CACHE": str(onnx_cache)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_lora_adapter_is_merged_before_export(tmp_path):

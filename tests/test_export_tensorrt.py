@@ -13,10 +13,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 from surgery_r1_ros.export import tensorrt_build as tb
-from surgery_r1_ros.export.onnx_export import FORMAT, FORMAT_VERSION, MANIFEST, onnx_sha256
+from surgery_r1_ros.export.onnx_export import onnx_sha256
 
 from surgery_r1_ros.cli import main
-from surgery_r1_ros.engine import EngineError, create_backend
+from surgery_r1_ros.engine import EngineError
+from surgery_r1_ros.engine import artifacts as art
+from surgery_r1_ros.engine.artifacts import FORMAT, FORMAT_VERSION, MANIFEST
+from surgery_r1_ros.engine.backends import create_backend
+from surgery_r1_ros.engine.tensorrt_backend import TensorRTNotInstalled, import_tensorrt
 
 HIDDEN, HEADS, HEAD_DIM, LAYERS, VOCAB = 32, 2, 8, 2, 64
 PAST = [f"past_{k}.{i}" for i in range(LAYERS) for k in ("key", "value")]
@@ -168,8 +172,8 @@ class _FakeTensorRT(types.ModuleType):
 
 def test_missing_tensorrt_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
-    with pytest.raises(tb.TensorRTNotInstalled, match="pip install tensorrt on a CUDA machine"):
-        tb.import_tensorrt()
+    with pytest.raises(TensorRTNotInstalled, match="pip install tensorrt on a CUDA machine"):
+        import_tensorrt()
     with pytest.raises(EngineError, match="TensorRT is not installed"):
         create_backend("tensorrt", None)
 
@@ -187,14 +191,14 @@ def test_cli_without_tensorrt_fails_in_one_line(monkeypatch, fake_export, tmp_pa
 
 def test_engine_cache_key_follows_onnx_hash_precision_profiles_and_version():
     profiles = [{"x": ((1, 1), (1, 4), (1, 8))}]
-    name = tb.engine_filename("decoder.onnx", "ab" * 32, "fp16", profiles, "10.3.0")
+    name = art.engine_filename("decoder.onnx", "ab" * 32, "fp16", profiles, "10.3.0")
     assert name.startswith("decoder-" + "ab" * 6 + "-fp16-") and name.endswith(".engine")
-    assert name == tb.engine_filename("decoder.onnx", "ab" * 32, "fp16", profiles, "10.3.0")
+    assert name == art.engine_filename("decoder.onnx", "ab" * 32, "fp16", profiles, "10.3.0")
     others = {
-        tb.engine_filename("decoder.onnx", "cd" * 32, "fp16", profiles, "10.3.0"),
-        tb.engine_filename("decoder.onnx", "ab" * 32, "bf16", profiles, "10.3.0"),
-        tb.engine_filename("decoder.onnx", "ab" * 32, "fp16", [{"x": ((1, 1), (1, 4), (1, 9))}], "10.3.0"),
-        tb.engine_filename("decoder.onnx", "ab" * 32, "fp16", profiles, "10.4.0"),
+        art.engine_filename("decoder.onnx", "cd" * 32, "fp16", profiles, "10.3.0"),
+        art.engine_filename("decoder.onnx", "ab" * 32, "bf16", profiles, "10.3.0"),
+        art.engine_filename("decoder.onnx", "ab" * 32, "fp16", [{"x": ((1, 1), (1, 4), (1, 9))}], "10.3.0"),
+        art.engine_filename("decoder.onnx", "ab" * 32, "fp16", profiles, "10.4.0"),
     }
     assert name not in others and len(others) == 4
 
@@ -234,8 +238,8 @@ def test_build_engines_uses_profiles_flags_timing_cache_and_skips_cached(monkeyp
     assert vision["profiles"] == []  # static shapes: no profile needed
     assert len(decoder["profiles"]) == 2 and decoder["flags"] == ["BF16"]
     assert decoder["profiles"][1]["inputs_embeds"][0] == (1, 1, HIDDEN)
-    assert (out / tb.TIMING_CACHE).read_bytes().endswith(b"+timed")
-    written = tb.load_trt_manifest(out)
+    assert (out / art.TIMING_CACHE).read_bytes().endswith(b"+timed")
+    written = art.load_trt_manifest(out)
     assert written["onnx_dir"] == str(fake_export.resolve())
     sha = onnx_sha256(fake_export / "decoder.onnx")
     assert manifest["engines"]["decoder"]["onnx_sha256"] == sha and sha[:12] in manifest["engines"]["decoder"]["engine"]
@@ -247,4 +251,25 @@ def test_build_engines_uses_profiles_flags_timing_cache_and_skips_cached(monkeyp
     tb.build_engines(fake_export, out, tb.BuildSettings(precision="fp16"))
     assert len(fake.builds) == 4 and fake.builds[-1]["flags"] == ["FP16"]
     with pytest.raises(FileNotFoundError, match=r"tensorrt_manifest\.json"):
-        tb.load_trt_manifest(tmp_path)
+        art.load_trt_manifest(tmp_path)
+
+
+def test_the_runtime_finds_cached_engines_without_the_build_tooling(monkeypatch, fake_export, tmp_path):
+    """``cached_engines`` (torch-free, no export import) accepts engines only for the same ONNX bytes and settings."""
+    manifest = json.loads((fake_export / MANIFEST).read_text())
+    manifest["sha256"] = {name: onnx_sha256(fake_export / name) for name in ("vision.onnx", "decoder.onnx")}
+    (fake_export / MANIFEST).write_text(json.dumps(manifest))
+    fake = _FakeTensorRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    out = tmp_path / "engines"
+    assert not art.cached_engines(out, fake_export, {"precision": "bf16"}, fake.__version__)
+    assert art.tensorrt_engines_for(fake_export, out, {"precision": "bf16"}, fake.__version__) == out
+    assert len(fake.builds) == 2
+    assert art.cached_engines(out, fake_export, {"precision": "bf16"}, fake.__version__)
+    assert not art.cached_engines(out, fake_export, {"precision": "fp16"}, fake.__version__)
+    assert not art.cached_engines(out, fake_export, {"precision": "bf16"}, "10.100.0")
+    art.tensorrt_engines_for(fake_export, out, {"precision": "bf16"}, fake.__version__)
+    assert len(fake.builds) == 2  # cached: not built again
+    manifest["sha256"]["decoder.onnx"] = "0" * 64  # a re-export with other bytes
+    (fake_export / MANIFEST).write_text(json.dumps(manifest))
+    assert not art.cached_engines(out, fake_export, {"precision": "bf16"}, fake.__version__)

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from ros_helpers import ros_available, ros_session, wait_for
 
+from surgery_r1_ros.ros_fields import msg_stamp_ns, ns_to_seconds, ns_to_stamp, seconds_to_ns
+
 pytestmark = [
     pytest.mark.ros,
     pytest.mark.skipif(not ros_available(), reason="rclpy is not installed"),
@@ -68,7 +70,7 @@ class Rig:
         from sensor_msgs.msg import Image
 
         msg = Image(height=height, width=width, encoding=encoding)
-        msg.header.stamp.sec, msg.header.stamp.nanosec = int(stamp_s), round((stamp_s % 1) * 1e9)
+        msg.header.stamp.sec, msg.header.stamp.nanosec = ns_to_stamp(seconds_to_ns(stamp_s))
         msg.header.frame_id = frame_id
         if data is None:
             data = encode(np.full((height, width, 3), COLOUR, np.uint8), encoding)
@@ -82,7 +84,7 @@ class Rig:
     def ask(self, question: str = "Where is suction located?", stamp_s: float = 0.0, reasoning: bool = False,
             client=None, timeout: float = 30.0):  # fmt: skip
         req = self.AskQuestion.Request(question=question, reasoning=reasoning)
-        req.stamp.sec, req.stamp.nanosec = int(stamp_s), round((stamp_s % 1) * 1e9)
+        req.stamp.sec, req.stamp.nanosec = ns_to_stamp(seconds_to_ns(stamp_s))
         response = self.ros.call(client or self.client, req, timeout)
         assert response is not None, f"no response to {question!r} within {timeout} s"
         return response
@@ -124,7 +126,7 @@ def camera_sent(camera) -> int:
 
 
 def stamp_of(header) -> float:
-    return header.stamp.sec + header.stamp.nanosec / 1e9
+    return ns_to_seconds(msg_stamp_ns(header.stamp))
 
 
 @pytest.fixture(scope="module")
@@ -236,13 +238,29 @@ def test_bad_frames_are_counted_and_skipped(rig):
         d = rig.latest_diagnostics()
         return (
             int(d.get("frames_skipped_encoding", 0)) - int(before.get("frames_skipped_encoding", 0)) == 3
-            and int(d.get("frames_skipped_size", 0)) - int(before.get("frames_skipped_size", 0)) == 1
+            and int(d.get("frames_skipped_malformed", 0)) - int(before.get("frames_skipped_malformed", 0)) == 1
         )
 
     assert wait_for(counted, 10), rig.latest_diagnostics()
     d = rig.latest_diagnostics()
     assert "size" in d["last_frame_error"] or "bytes" in d["last_frame_error"]
     assert rig.process.alive()
+
+
+def test_tiny_newest_frame_does_not_wedge_the_node(rig):
+    """Measured once: a well-formed 1x1 frame became the newest and every question was refused after it."""
+    before = rig.latest_diagnostics()
+    rig.publish(350.0)
+    assert rig.ask_when_ready(350.0).success
+    rig.publish(350.1, width=1, height=1)
+    rig.publish(350.2, width=16, height=16)
+    rig.diagnostics.clear()
+    key = "frames_skipped_too_small"
+    assert wait_for(lambda: int(rig.latest_diagnostics().get(key, 0)) - int(before.get(key, 0)) == 2, 10)
+    newest = rig.ask(reasoning=True)  # stamp 0: the newest frame the engine can use
+    assert newest.success, newest.error
+    assert stamp_of(newest.image_header) == pytest.approx(350.0) and "size 64x48" in newest.reasoning
+    assert "too small" in rig.latest_diagnostics()["last_frame_error"]
 
 
 def test_bad_questions(rig):

@@ -9,12 +9,15 @@ import cv2
 import numpy as np
 import pytest
 
+from surgery_r1_ros.engine.api import Cancelled, EngineProtocol, GroundedAnswer, InputError, Progress
 from surgery_r1_ros.node.annotate import draw_answer
-from surgery_r1_ros.node.buffer import NS, Frame, FrameBuffer, FrameSelectionError
+from surgery_r1_ros.node.buffer import Frame, FrameBuffer, FrameSelectionError
 from surgery_r1_ros.node.diagnostics import OK, WARN, NodeStats
 from surgery_r1_ros.node.engine_loader import EngineLoadError, load_engine
 from surgery_r1_ros.node.image import (
     ImageError,
+    check_compressed,
+    check_image,
     clean_frame_id,
     compressed_to_rgb,
     image_to_rgb,
@@ -22,6 +25,7 @@ from surgery_r1_ros.node.image import (
 )
 from surgery_r1_ros.node.params import DEFAULT_IMAGE_TOPIC, DEFAULTS, PARAMETERS
 from surgery_r1_ros.node.worker import InferenceWorker, Job, QueueFull
+from surgery_r1_ros.ros_fields import seconds_to_ns
 
 
 def rgb_image(h: int = 6, w: int = 5) -> np.ndarray:
@@ -80,9 +84,9 @@ def test_rgb8_is_a_view_not_a_copy():
         ("16UC1", 10, 60, "encoding"),
         ("bayer_rggb8", 5, 30, "encoding"),
         ("yuv422", 10, 60, "encoding"),
-        ("rgb8", 15, 89, "size"),  # one byte short
-        ("rgb8", 15, 91, "size"),  # one byte too many
-        ("rgb8", 14, 84, "size"),  # step shorter than a row
+        ("rgb8", 15, 89, "malformed"),  # one byte short
+        ("rgb8", 15, 91, "malformed"),  # one byte too many
+        ("rgb8", 14, 84, "malformed"),  # step shorter than a row
     ],
 )
 def test_bad_images_are_refused_with_a_reason(encoding, step, size, reason):
@@ -90,6 +94,40 @@ def test_bad_images_are_refused_with_a_reason(encoding, step, size, reason):
         image_to_rgb(6, 5, encoding, step, bytes(size))
     assert err.value.reason == reason
     assert str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "reason"),
+    [(1, 1, "too_small"), (16, 16, "too_small"), (640, 27, "too_small"), (4097, 30, "too_large")],
+)
+def test_intake_refuses_frames_the_engine_cannot_use(width, height, reason):
+    """Well-formed frames outside the engine's sides are refused at intake (a 1x1 frame once wedged the node)."""
+    image_to_rgb(height, width, "rgb8", width * 3, bytes(width * height * 3))  # well formed: converts
+    with pytest.raises(ImageError) as err:
+        check_image(height, width, "rgb8", width * 3, width * height * 3)
+    assert err.value.reason == reason and f"{width}x{height}" in str(err.value)
+    assert check_image(28, 4096, "bgr8", 4096 * 3, 28 * 4096 * 3) == 3  # the limits themselves are fine
+
+
+def test_compressed_intake_reads_only_the_header():
+    rgb = np.zeros((64, 96, 3), np.uint8)
+    for ext in (".jpg", ".png"):
+        data = cv2.imencode(ext, rgb)[1].tobytes()
+        assert check_compressed(ext[1:], data) == (96, 64)
+        with pytest.raises(ImageError) as err:
+            check_compressed(ext[1:], data[:12])  # cut inside the header
+        assert err.value.reason == "decode"
+    cases = [
+        ("jpeg", b"", "decode"),
+        ("jpeg", b"\x00junk bytes, not an image at all", "decode"),
+        ("png", cv2.imencode(".png", np.zeros((32, 32), np.uint16))[1].tobytes(), "encoding"),
+        ("jpeg", cv2.imencode(".jpg", np.zeros((16, 16, 3), np.uint8))[1].tobytes(), "too_small"),
+        ("rgb8; compressedDepth png", cv2.imencode(".png", rgb)[1].tobytes(), "encoding"),
+    ]
+    for fmt, data, reason in cases:
+        with pytest.raises(ImageError) as err:
+            check_compressed(fmt, data)
+        assert err.value.reason == reason, (fmt, str(err.value))
 
 
 def test_compressed_jpeg_and_png():
@@ -122,8 +160,8 @@ def test_frame_id_leading_slash():
 # --- frame buffer ---------------------------------------------------------------------------------------
 
 
-def make_frame(stamp_s: float, received: float) -> Frame:
-    return Frame(round(stamp_s * NS), "cam", received, 4, 4, lambda: np.zeros((4, 4, 3), np.uint8))
+def make_frame(stamp_s: float, received: float, convert=lambda: np.zeros((4, 4, 3), np.uint8)) -> Frame:
+    return Frame(seconds_to_ns(stamp_s), "cam", received, 4, 4, convert, checked=False)
 
 
 def test_buffer_newest_nearest_and_errors():
@@ -135,14 +173,34 @@ def test_buffer_newest_nearest_and_errors():
     for i in range(5):
         buf.push(make_frame(10 + i * 0.1, now))
     assert len(buf) == 3  # oldest two dropped
-    assert buf.select(0, 0.05, 2.0, now).stamp_ns == round(10.4 * NS)
-    assert buf.select(round(10.31 * NS), 0.05, 2.0, now).stamp_ns == round(10.3 * NS)
+    assert buf.select(0, 0.05, 2.0, now).stamp_ns == seconds_to_ns(10.4)
+    assert buf.select(seconds_to_ns(10.31), 0.05, 2.0, now).stamp_ns == seconds_to_ns(10.3)
     with pytest.raises(FrameSelectionError) as err:
-        buf.select(round(10.0 * NS), 0.05, 2.0, now)  # dropped from the buffer
+        buf.select(seconds_to_ns(10.0), 0.05, 2.0, now)  # dropped from the buffer
     assert err.value.reason == "no_match" and "10.200000000" in str(err.value)
     with pytest.raises(FrameSelectionError) as err:
         buf.select(0, 0.05, 2.0, now + 2.5)
     assert err.value.reason == "stale" and "max_frame_age_s" in str(err.value)
+
+
+def test_buffer_drops_frames_that_do_not_decode():
+    """A compressed frame whose body does not decode is never the answered frame: the next best one is."""
+    dropped = []
+    buf = FrameBuffer(4, on_unusable=lambda reason, message: dropped.append((reason, message)))
+
+    def broken():
+        raise ImageError("decode", "could not decode the jpeg image (10 bytes)")
+
+    now = 100.0
+    buf.push(make_frame(10.0, now))
+    buf.push(make_frame(10.1, now, broken))  # the newest, and the nearest to 10.09
+    assert buf.select(0, 0.05, 2.0, now).stamp_ns == seconds_to_ns(10.0)
+    assert dropped == [("decode", "could not decode the jpeg image (10 bytes)")] and len(buf) == 1
+    buf.push(make_frame(10.2, now, broken))
+    with pytest.raises(FrameSelectionError) as err:
+        buf.select(seconds_to_ns(10.19), 0.05, 2.0, now)  # no good frame within the tolerance
+    assert err.value.reason == "no_match" and len(dropped) == 2
+    assert buf.select(seconds_to_ns(10.02), 0.05, 2.0, now).stamp_ns == seconds_to_ns(10.0)
 
 
 def test_frame_converts_once_across_threads():
@@ -166,24 +224,36 @@ def test_frame_converts_once_across_threads():
 
 
 class SlowEngine:
-    def __init__(self, delay: float = 0.05, fail_on: str = "explode") -> None:
-        self.delay, self.fail_on = delay, fail_on
+    """Answers with the question itself; streams ``tokens`` tokens with the cancel check before each step."""
+
+    def __init__(self, delay: float = 0.05, fail_on: str = "explode", tokens: int = 1, encode_ms: float = 0.0) -> None:
+        self.delay, self.fail_on, self.tokens, self.encode_ms = delay, fail_on, tokens, encode_ms
         self.encoded: list = []
+        self.asks: list[tuple] = []  # (question, stamp, image given)
         self.gate = threading.Event()
         self.gate.set()
 
-    def encode(self, image, stamp):
+    def encode(self, image, stamp=None):
         self.encoded.append(stamp)
         return stamp
 
-    def ask(self, question, image=None, stamp=None, reasoning=False, max_new_tokens=None):
+    def ask(self, question, image=None, stamp=None, reasoning=False, max_new_tokens=None, *, on_token=None,
+            cancelled=None) -> GroundedAnswer:  # fmt: skip
+        self.asks.append((question, stamp, image is not None))
         self.gate.wait(5)
         time.sleep(self.delay)
         if self.fail_on in question:
             raise RuntimeError("boom")
         if question == "bad":
-            raise ValueError("bad input")
-        return {"question": question, "stamp": stamp}
+            raise InputError("bad input")
+        for n in range(1, self.tokens + 1):
+            if n > 1 and cancelled is not None and cancelled():
+                raise Cancelled(Progress("<think>" + "x" * (n - 1), n - 1))
+            if on_token is not None:
+                on_token(Progress("<think>" + "x" * n, n))
+            time.sleep(0.005)
+        return GroundedAnswer(question, None, None, False, 1.0, stamp=stamp, new_tokens=self.tokens,
+                              encode_ms=self.encode_ms)  # fmt: skip
 
 
 def job(question: str, frame: Frame | None = None) -> Job:
@@ -203,7 +273,7 @@ def test_worker_answers_in_order_and_bounds_the_queue():
             worker.submit(job("three"))
         engine.gate.set()
         assert first.done.wait(5) and second.done.wait(5)
-        assert first.answer["question"] == "one" and not first.error
+        assert first.answer.answer == "one" and not first.error
         assert worker.depth == 0
         worker.submit(job("four"))  # room again
     finally:
@@ -211,7 +281,7 @@ def test_worker_answers_in_order_and_bounds_the_queue():
 
 
 def test_worker_survives_engine_failures():
-    worker = InferenceWorker(SlowEngine(0.0), 4, encode_ahead=False, input_errors=(ValueError,))
+    worker = InferenceWorker(SlowEngine(0.0), 4, encode_ahead=False)
     worker.start()
     try:
         jobs = [job("explode now"), job("bad"), job("fine")]
@@ -234,10 +304,68 @@ def test_worker_encodes_the_newest_frame_while_idle():
         frame = make_frame(5.0, time.monotonic())
         buf.push(frame)
         worker.frame_arrived()
-        assert wait(lambda: frame.encoded is True)
+        assert wait(lambda: engine.encoded == [frame.seq])
+        time.sleep(0.6)  # past the worker's idle wake-up: a frame is handed over once, not again and again
         assert engine.encoded == [frame.seq]
+        # the engine owns what it holds: the question still carries the image, under the frame's stamp
+        asked = job("where?", frame)
+        worker.submit(asked)
+        assert asked.done.wait(5) and not asked.error
+        assert engine.asks == [("where?", frame.seq, True)]
     finally:
         worker.stop()
+
+
+def test_worker_learns_the_encode_time_from_answers():
+    """An ask that had to encode its frame reports how long that took; too slow for 30 Hz: no encode-ahead."""
+    buf = FrameBuffer(4)
+    worker = InferenceWorker(SlowEngine(0.0, encode_ms=500.0), 2, newest_frame=buf.newest,
+                             frame_interval_s=lambda: 0.033)  # fmt: skip
+    worker.start()
+    try:
+        first = job("one")
+        worker.submit(first)
+        assert first.done.wait(5) and worker.encode_ms == 500.0
+        buf.push(make_frame(6.0, time.monotonic()))
+        assert worker._frame_to_encode() is None
+    finally:
+        worker.stop()
+
+
+def test_worker_streams_and_cancels_within_a_step():
+    engine = SlowEngine(0.0, tokens=50)
+    worker = InferenceWorker(engine, 3, encode_ahead=False)
+    worker.start()
+    try:
+        seen: list[int] = []
+        stop = threading.Event()
+        running = job("stream")
+        running.on_token = lambda p: (seen.append(p.new_tokens), len(seen) == 5 and stop.set())
+        running.cancelled = stop.is_set
+        worker.submit(running)
+        assert running.done.wait(5)
+        assert running.error_kind == "canceled" and running.answer is None
+        assert seen == [1, 2, 3, 4, 5] and running.progress.new_tokens == 5  # not one token more
+        assert running.progress.reasoning == "xxxxx"
+        # a job cancelled while it waits never reaches the engine
+        queued = job("never")
+        queued.cancelled = lambda: True
+        worker.submit(queued)
+        assert queued.done.wait(5) and queued.error_kind == "canceled"
+        assert [q for q, _, _ in engine.asks] == ["stream"]
+        finished = job("whole")
+        finished.on_token = lambda p: seen.append(p.new_tokens)
+        worker.submit(finished)
+        assert finished.done.wait(5) and finished.answer.new_tokens == 50 and seen[-1] == 50
+    finally:
+        worker.stop()
+
+
+def test_progress_reasoning_grows_and_hides_a_half_written_closing_tag():
+    texts = ["", "<thi", "<think>", "<think>The tip", "<think>The tip is left </th", "<think>The tip is left </think>",
+             "<think>The tip is left </think><answer>left-top</answer>"]  # fmt: skip
+    got = [Progress(t, i).reasoning for i, t in enumerate(texts)]
+    assert got == ["", "", "", "The tip", "The tip is left", "The tip is left", "The tip is left"]
 
 
 def test_worker_skips_encode_ahead_when_it_cannot_keep_up():
@@ -323,5 +451,10 @@ def test_engine_loader_errors_are_one_clear_line(tmp_path):
         load_engine("", "no_such_module:Engine", "cpu")
     with pytest.raises(EngineLoadError, match="failed to start"):
         load_engine("", "fake_engines:BrokenEngine", "cpu")
+    with pytest.raises(EngineLoadError, match="lacks encode"):
+        load_engine("", "fake_engines:AskOnly", "cpu")
+    with pytest.raises(EngineLoadError, match="unknown backend 'tensorrt-nonexistent'"):
+        load_engine("", "tensorrt-nonexistent", "cpu")
     loaded = load_engine("", "fake_engines:ScriptedEngine", "auto")
     assert loaded.model == "built-in" and loaded.backend == "fake_engines:ScriptedEngine"
+    assert isinstance(loaded.engine, EngineProtocol)

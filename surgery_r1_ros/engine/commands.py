@@ -13,11 +13,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ask.add_argument("--question", required=True, help='e.g. "Where is bipolar_forceps located?"')
     ask.add_argument("--reasoning", action="store_true", help="think first (slower); default: direct answer and box")
     ask.add_argument("--model", type=Path, default=None, help="model folder (default: the built-in model)")
-    ask.add_argument("--backend", default="torch", help="inference backend (default: torch)")
+    ask.add_argument(
+        "--backend", default="torch", help="torch, onnxruntime, tensorrt, auto or package.module:Class (default: torch)"
+    )
     ask.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     ask.add_argument("--max-new-tokens", type=int, default=None, help="cap on generated tokens")
     ask.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for the torch backend (default: 1 for a small model)"
+        "--threads", type=int, default=None, help="CPU threads of the backend (default: 1 for a small model on CPU)"
     )
     ask.set_defaults(handler=_ask)
 
@@ -35,12 +37,15 @@ def read_image(path: Path):
 
 
 def _ask(args: argparse.Namespace) -> int:
-    from surgery_r1_ros.engine import Engine
+    from surgery_r1_ros.engine import open_engine
 
     image = read_image(args.image)
-    options = {} if args.threads is None else {"num_threads": args.threads}
-    with Engine(args.model, backend=args.backend, device=args.device, **options) as engine:
+    options = {} if args.threads is None else {"threads": args.threads}
+    engine = open_engine(args.model, args.backend, args.device, **options)
+    try:
         answer = engine.ask(args.question, image=image, reasoning=args.reasoning, max_new_tokens=args.max_new_tokens)
+    finally:
+        engine.close()
     out = answer.to_dict()
     keys = ("answer", "reasoning", "box", "coherent", "latency_ms", "timings")
     ordered = {k: out[k] for k in keys} | {k: v for k, v in out.items() if k not in keys}

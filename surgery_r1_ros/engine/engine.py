@@ -1,125 +1,65 @@
-"""The inference engine: a grounded answer (label, box in camera pixels, optional reasoning) per question.
+"""The built-in inference engine: a grounded answer (label, box in camera pixels, optional reasoning) per question.
 
 Frame-ahead encoding: the prompt puts the image before the question, so ``encode(image, stamp)`` can run
-the vision encoder and prefill the image part of the prompt as soon as a frame arrives. The result is kept
-in a small LRU cache keyed by the frame's stamp, and ``ask`` then pays only for the question's prefill and
-the answer's decoding. Direct mode (PromptMode.GROUND) is the fast path; ``reasoning=True`` asks for a
-chain of thought first (PromptMode.REASON).
+the vision encoder and prefill the image part of the prompt as soon as a frame arrives. The engine keeps
+the result in a small LRU cache keyed by the frame's stamp (the engine alone knows what it holds), and
+``ask`` then pays only for the question's prefill and the answer's decoding. Direct mode
+(PromptMode.GROUND) is the fast path; ``reasoning=True`` asks for a chain of thought first
+(PromptMode.REASON). Implements ``api.EngineProtocol``, streaming and cancel included.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Hashable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from itertools import count
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from surgery_r1_ros.boxes import Box, Size, clip_box, round_box, scale_box
-from surgery_r1_ros.coherence import check_coherence
-from surgery_r1_ros.engine.backends import Backend, EngineError, create_backend
+from surgery_r1_ros.boxes import Size
+from surgery_r1_ros.engine.api import (
+    MAX_QUESTION_LENGTH,
+    CancelCheck,
+    Cancelled,
+    EngineError,
+    GroundedAnswer,
+    InputError,
+    Progress,
+    TokenCallback,
+    check_question,
+    check_rgb,
+)
+from surgery_r1_ros.engine.backends import Backend, create_backend
+from surgery_r1_ros.engine.decode import generate
+from surgery_r1_ros.grounding import ground
 from surgery_r1_ros.model.processor import image_size as processor_image_size
 from surgery_r1_ros.model.prompts import prompt_texts
-from surgery_r1_ros.protocol import PromptMode, parse_output
+from surgery_r1_ros.protocol import PromptMode
 from surgery_r1_ros.vocab import parse_question
 
 log = logging.getLogger(__name__)
 
-MIN_SIDE = 28  # one merged patch (14 px x 2)
-MAX_SIDE = 4096
-MAX_QUESTION_CHARS = 500
 DEFAULT_MAX_NEW_TOKENS = {PromptMode.GROUND: 48, PromptMode.REASON: 256, PromptMode.ANSWER: 16}
 VISION_END = "<|vision_end|>"
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
-@dataclass(frozen=True)
-class GroundedAnswer:
-    """The engine's reply to one question about one frame."""
-
-    answer: str | None  # vocabulary label (or the model's raw words when outside the vocabulary)
-    reasoning: str | None  # the <think> text (reasoning mode only)
-    box: tuple[int, int, int, int] | None  # x1, y1, x2, y2 in pixels of the ORIGINAL image
-    coherent: bool  # a box exists and the reasoning's position claims agree with it
-    latency_ms: float  # wall time of the ask call
-    timings: dict[str, float] = field(default_factory=dict)
-    text: str = ""  # the raw completion
-    mode: str = PromptMode.GROUND.value
-    format_ok: bool = False  # every part the mode asks for was present and readable
-    problems: tuple[str, ...] = ()
-    stamp: Any = None
-    image_size: tuple[int, int] | None = None  # (width, height) of the original image
-    model_box: tuple[float, float, float, float] | None = None  # box in the model's input pixels
-    new_tokens: int = 0
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["box"] = list(self.box) if self.box is not None else None
-        out["model_box"] = list(self.model_box) if self.model_box is not None else None
-        out["image_size"] = list(self.image_size) if self.image_size is not None else None
-        out["problems"] = list(self.problems)
-        stamp = self.stamp
-        out["stamp"] = stamp if isinstance(stamp, (int, float, str)) or stamp is None else repr(stamp)
-        return out
-
-    def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
-
-
 @dataclass
-class _Frame:
+class _Encoded:
+    """One cached frame: the backend's prefilled prefix, the original size and what encoding it cost."""
+
     state: Any
     size: Size  # original (width, height)
     timings: dict[str, float]
 
-
-def check_image(image: Any) -> np.ndarray:
-    """Validate an RGB frame: HxWx3 uint8, sides in [28, 4096]. Returns it C-contiguous."""
-    if not isinstance(image, np.ndarray):
-        raise EngineError(f"image must be a numpy array (H, W, 3) of uint8 RGB; got {type(image).__name__}")
-    if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
-        raise EngineError(
-            f"image {image.shape} is grayscale; send 3-channel RGB, e.g. cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)"
-        )
-    if image.ndim != 3 or image.shape[2] not in (3,):
-        if image.ndim == 3 and image.shape[2] == 4:
-            raise EngineError(f"image {image.shape} has 4 channels (RGBA/BGRA); drop alpha and send RGB: img[..., :3]")
-        raise EngineError(f"image shape {image.shape} is not (H, W, 3); send an RGB frame of shape (H, W, 3)")
-    if image.dtype != np.uint8:
-        hint = "scale 16-bit to 8-bit: (img >> 8).astype(np.uint8)" if image.dtype == np.uint16 else (
-            "convert to uint8 0..255: (img * 255).clip(0, 255).astype(np.uint8)" if image.dtype.kind == "f"
-            else "convert to uint8 0..255"
-        )  # fmt: skip
-        raise EngineError(f"image dtype {image.dtype} is not uint8; {hint}")
-    h, w = image.shape[:2]
-    if min(h, w) < MIN_SIDE:
-        raise EngineError(f"image {w}x{h} is too small; each side needs at least {MIN_SIDE} pixels")
-    if max(h, w) > MAX_SIDE:
-        raise EngineError(
-            f"image {w}x{h} is too large; at most {MAX_SIDE} pixels a side (downscale first, e.g. cv2.resize)"
-        )
-    return np.ascontiguousarray(image)
-
-
-def check_question(question: Any, max_chars: int = MAX_QUESTION_CHARS) -> str:
-    """Validate a question: non-empty text, at most ``max_chars``, no chat control tokens."""
-    if not isinstance(question, str):
-        raise EngineError(f"question must be text; got {type(question).__name__}")
-    text = question.strip()
-    if not text:
-        raise EngineError('question is empty; ask e.g. "Where is bipolar_forceps located?"')
-    if len(text) > max_chars:
-        raise EngineError(f"question has {len(text)} characters; the limit is {max_chars}; ask a shorter question")
-    if "<|" in text or "|>" in text:
-        raise EngineError("question must not contain the model's control tokens (<|...|>); send plain text")
-    return text
+    @property
+    def encode_ms(self) -> float:
+        return sum(self.timings.get(k, 0.0) for k in ("preprocess_ms", "vision_encode_ms", "prefix_prefill_ms"))
 
 
 def question_subject(question: str) -> str | None:
@@ -133,34 +73,37 @@ def question_subject(question: str) -> str | None:
 class Engine:
     """Grounded surgical VQA on frames: ``encode`` frames as they arrive, ``ask`` questions about them.
 
-    ``model`` is a model folder, a ``LoadedModel`` or None (the built-in model). ``cache_size`` is the
-    number of encoded frames kept (least recently used dropped first). Thread-safe: calls are serialised.
+    ``model`` is a model folder, an export folder, a ``LoadedModel`` or None (the built-in model);
+    ``backend`` a backend name ("torch", "onnxruntime", "tensorrt") or a backend object. ``cache_size`` is
+    the number of encoded frames kept (least recently used dropped first). Thread-safe: calls are serialised.
     """
 
     def __init__(
         self,
         model: Any = None,
-        backend: str = "torch",
+        backend: str | Backend = "torch",
         device: str | None = None,
         dtype: Any = None,
         *,
         cache_size: int = 4,
         max_new_tokens: dict | int | None = None,
-        max_question_chars: int = MAX_QUESTION_CHARS,
+        max_question_length: int = MAX_QUESTION_LENGTH,
         **backend_options: Any,
     ) -> None:
         if cache_size < 1:
             raise EngineError(f"cache_size must be at least 1; got {cache_size}")
-        self.backend: Backend = create_backend(backend, model, device=device, dtype=dtype, **backend_options)
+        if isinstance(backend, str):
+            backend = create_backend(backend, model, device=device, dtype=dtype, **backend_options)
+        self.backend: Backend = backend
         self.processor = self.backend.processor
         self.cache_size = cache_size
-        self.max_question_chars = max_question_chars
+        self.max_question_length = max_question_length
         self.max_new_tokens = dict(DEFAULT_MAX_NEW_TOKENS)
         if isinstance(max_new_tokens, int):
             self.max_new_tokens = dict.fromkeys(self.max_new_tokens, max_new_tokens)
         elif max_new_tokens:
             self.max_new_tokens.update({PromptMode(k): v for k, v in max_new_tokens.items()})
-        self._frames: OrderedDict[Hashable, _Frame] = OrderedDict()
+        self._frames: OrderedDict[Hashable, _Encoded] = OrderedDict()
         self._lock = threading.RLock()
         self._auto_stamp = count()
         tok = self.processor.tokenizer
@@ -208,9 +151,18 @@ class Engine:
         return processor_image_size(self.processor)
 
     @property
+    def device(self) -> str:
+        return str(self.backend.device)
+
+    @property
     def cached_stamps(self) -> list[Hashable]:
         with self._lock:
             return list(self._frames)
+
+    def frame_state(self, stamp: Hashable) -> Any:
+        """The backend's prefilled prefix of an encoded frame (parity checks and tests)."""
+        with self._lock:
+            return self._frames[stamp].state
 
     # -- frames --------------------------------------------------------------------------------------
     def encode(self, image: np.ndarray, stamp: Hashable | None = None) -> Hashable:
@@ -219,30 +171,31 @@ class Engine:
         A stamp names one frame: encoding a stamp that is already cached keeps the cached frame.
         Without a stamp the frame gets a fresh one ("auto-N").
         """
-        image = check_image(image)
+        image = check_rgb(image)
         with self._lock:
-            if stamp is None:
-                stamp = f"auto-{next(self._auto_stamp)}"
-            elif stamp in self._frames:
-                self._frames.move_to_end(stamp)
-                return stamp
-            self._frames[stamp] = self._encode(image)
-            while len(self._frames) > self.cache_size:
-                self._frames.popitem(last=False)
-            return stamp
+            return self._encode(image, stamp)[0]
 
-    def _encode(self, image: np.ndarray) -> _Frame:
+    def _encode(self, image: np.ndarray, stamp: Hashable | None) -> tuple[Hashable, _Encoded, bool]:
+        """(stamp, cached frame, whether it was encoded now); the lock is held."""
+        if stamp is None:
+            stamp = f"auto-{next(self._auto_stamp)}"
+        elif stamp in self._frames:
+            self._frames.move_to_end(stamp)
+            return stamp, self._frames[stamp], False
         start = time.perf_counter()
-        features = self.processor.image_processor(
-            images=[image], input_data_format="channels_last", return_tensors="pt"
-        )
+        features = self.processor.image_processor(images=[image], input_data_format="channels_last",
+                                                  return_tensors="pt")  # fmt: skip
         timings = {"preprocess_ms": (time.perf_counter() - start) * 1000.0}
-        state, backend_timings = self.backend.encode_frame(
-            features["pixel_values"], features["image_grid_thw"][0], self._prefix_ids
-        )
+        with self.backend.session():
+            state, backend_timings = self.backend.encode_frame(
+                features["pixel_values"], features["image_grid_thw"][0], self._prefix_ids
+            )
         timings.update(backend_timings)
         h, w = image.shape[:2]
-        return _Frame(state, (w, h), timings)
+        frame = self._frames[stamp] = _Encoded(state, (w, h), timings)
+        while len(self._frames) > self.cache_size:
+            self._frames.popitem(last=False)
+        return stamp, frame, True
 
     def forget(self, stamp: Hashable | None = None) -> None:
         """Drop one cached frame, or all of them."""
@@ -260,76 +213,83 @@ class Engine:
         stamp: Hashable | None = None,
         reasoning: bool = False,
         max_new_tokens: int | None = None,
+        *,
+        on_token: TokenCallback | None = None,
+        cancelled: CancelCheck | None = None,
     ) -> GroundedAnswer:
         """Answer ``question`` about a frame: ``image`` (encoded now unless ``stamp`` is cached), the cached
-        frame ``stamp``, or, with neither, the most recently encoded frame."""
+        frame ``stamp``, or, with neither, the most recently encoded frame.
+
+        ``on_token(Progress)`` follows the generation token by token; ``cancelled()`` is asked before every
+        decode step and, once true, ends the ask with ``Cancelled``.
+        """
         start = time.perf_counter()
-        question = check_question(question, self.max_question_chars)
+        question = check_question(question, self.max_question_length)
         mode = PromptMode.for_request(reasoning)
         limit = int(max_new_tokens or self.max_new_tokens[mode])
         if limit < 1:
-            raise EngineError(f"max_new_tokens must be at least 1; got {limit}")
+            raise InputError(f"max_new_tokens must be at least 1; got {limit}")
+        if image is not None:
+            image = check_rgb(image)
         with self._lock:
-            timings: dict[str, float] = {}
-            if image is not None:
-                image = check_image(image)
-                cached = stamp is not None and stamp in self._frames
-                stamp = self.encode(image, stamp)
-                frame = self._frames[stamp]
-                if not cached:
-                    timings.update(frame.timings)
-            elif stamp is not None:
-                if stamp not in self._frames:
-                    raise EngineError(
-                        f"no encoded frame with stamp {stamp!r} (cached: {len(self._frames)} frames); "
-                        "encode(image, stamp) it first or pass the image"
-                    )
-                frame = self._frames[stamp]
-                self._frames.move_to_end(stamp)
-            else:
-                if not self._frames:
-                    raise EngineError("no frame has been encoded yet; pass an image or call encode(image, stamp) first")
-                stamp = next(reversed(self._frames))
-                frame = self._frames[stamp]
-            timings.setdefault("preprocess_ms", 0.0)
-            timings.setdefault("vision_encode_ms", 0.0)
-            timings.setdefault("prefix_prefill_ms", 0.0)
-            suffix = self.suffix_ids(question, mode)
-            tokens, gen_timings = self.backend.generate(frame.state, suffix, limit, self.stop_ids)
-        timings.update(gen_timings)
-        text = self._tokenizer.decode(tokens, skip_special_tokens=True)
-        result = self._grounded(text, question, mode, frame.size, stamp)
-        n = len(tokens)
-        timings["decode_ms_per_token"] = timings.get("decode_ms", 0.0) / max(n - 1, 1)
+            stamp, frame, encoded_now = self._frame_for(image, stamp)
+            timings = dict(frame.timings) if encoded_now else {}
+            for key in ("preprocess_ms", "vision_encode_ms", "prefix_prefill_ms"):
+                timings.setdefault(key, 0.0)
+            progress = None if on_token is None else self._progress_callback(on_token)
+            gen = generate(self.backend, frame.state, self.suffix_ids(question, mode), limit, self.stop_ids,
+                           on_token=progress, cancelled=cancelled)  # fmt: skip
+        text = self._tokenizer.decode(gen.tokens, skip_special_tokens=True)
+        if gen.cancelled:
+            raise Cancelled(Progress(text, len(gen.tokens)))
+        n = len(gen.tokens)
+        timings.update(prefill_ms=gen.prefill_ms, decode_ms=gen.decode_ms)
+        timings["decode_ms_per_token"] = gen.decode_ms / max(n - 1, 1)
         total = (time.perf_counter() - start) * 1000.0
         timings["total_ms"] = total
-        return GroundedAnswer(**{**result, "latency_ms": total, "timings": timings, "new_tokens": n})
+        return GroundedAnswer(
+            **self._grounded(text, question, mode, frame.size, stamp),
+            latency_ms=total,
+            timings=timings,
+            new_tokens=n,
+            encode_ms=frame.encode_ms if encoded_now else 0.0,
+        )
+
+    def _frame_for(self, image: np.ndarray | None, stamp: Hashable | None) -> tuple[Hashable, _Encoded, bool]:
+        """The frame an ask is about; the lock is held."""
+        if image is not None:
+            return self._encode(image, stamp)
+        if stamp is not None:
+            if stamp not in self._frames:
+                raise InputError(
+                    f"no encoded frame with stamp {stamp!r} (cached: {len(self._frames)} frames); "
+                    "encode(image, stamp) it first or pass the image"
+                )
+            self._frames.move_to_end(stamp)
+            return stamp, self._frames[stamp], False
+        if not self._frames:
+            raise InputError("no frame has been encoded yet; pass an image or call encode(image, stamp) first")
+        stamp = next(reversed(self._frames))
+        return stamp, self._frames[stamp], False
+
+    def _progress_callback(self, on_token: TokenCallback):
+        decode = self._tokenizer.decode
+        return lambda tokens: on_token(Progress(decode(tokens, skip_special_tokens=True), len(tokens)))
 
     def _grounded(self, text: str, question: str, mode: PromptMode, size: Size, stamp: Hashable) -> dict:
-        parsed = parse_output(text)
-        model_size = self.image_size
-        model_box: Box | None = None
-        box = None
-        coherent = False
-        if parsed.box is not None:
-            model_box = clip_box(parsed.box, model_size)
-            box = round_box(clip_box(scale_box(model_box, model_size, size), size))
-            coherent = True
-            if parsed.reasoning:
-                result = check_coherence(parsed.reasoning, model_box, model_size, question_subject(question))
-                coherent = result.coherent
+        grounded = ground(text, mode, self.image_size, size, question_subject(question))
         return {
-            "answer": parsed.answer,
-            "reasoning": parsed.reasoning,
-            "box": box,
-            "coherent": coherent,
+            "answer": grounded.answer,
+            "reasoning": grounded.reasoning,
+            "box": grounded.box,
+            "coherent": grounded.coherent,
             "text": text,
             "mode": mode.value,
-            "format_ok": parsed.format_ok(mode),
-            "problems": parsed.problems,
+            "format_ok": grounded.format_ok,
+            "problems": grounded.problems,
             "stamp": stamp,
             "image_size": size,
-            "model_box": model_box,
+            "model_box": grounded.model_box,
         }
 
     def close(self) -> None:
@@ -342,8 +302,3 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def open_engine(model: str | Path | None = None, backend: str = "torch", device: str | None = None, **kw) -> Engine:
-    """Shorthand for ``Engine(model, backend, device, **kw)``."""
-    return Engine(model, backend, device, **kw)

@@ -1,19 +1,21 @@
 """The ONNX Runtime backend: runs the ONNX export (vision encoder + text decoder with past key/values).
 
 Same semantics as the torch backend. ``encode_frame`` runs ``vision.onnx`` and prefills the prompt prefix
-(past length 0) and keeps the prefix's present key/values as the frame state; ``generate`` prefills the
-question suffix on top of them and decodes greedily one token at a time, feeding each call's present
-key/values back as the next call's past. Key/values stay ``OrtValue``s on the session's device (I/O
+(past length 0) and keeps the prefix's present key/values as the frame state; ``prefill`` runs the
+question suffix on top of them and returns a one-token step for ``engine.decode`` that feeds each call's
+present key/values back as the next call's past. Key/values stay ``OrtValue``s on the session's device (I/O
 binding), so on CUDA only the 8-byte ``next_token`` crosses to the host per step.
 
+On CPU a small model runs on one thread unless ``threads`` says otherwise (``SMALL_MODEL_PARAMETERS``).
 Execution providers are chosen from ``onnxruntime.get_available_providers()`` in the order TensorRT, CUDA,
 CPU; ``providers=[...]`` (or a comma-separated string) or ``device="cpu"|"cuda"|"tensorrt"`` overrides.
-``model`` may be an export folder (with ``export_manifest.json``), a model folder (exported once and cached)
-or a LoadedModel / None (the built-in model).
+``model`` may be an export folder (with ``export_manifest.json``), a model folder (exported once and cached,
+see ``engine.artifacts``) or a LoadedModel / None (the built-in model).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -23,7 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from surgery_r1_ros.engine.backends import EngineError
+from surgery_r1_ros.engine.api import EngineError
+from surgery_r1_ros.engine.artifacts import MANIFEST, load_manifest, onnx_export_for
+from surgery_r1_ros.engine.backends import SMALL_MODEL_PARAMETERS
+from surgery_r1_ros.engine.decode import Step
 from surgery_r1_ros.engine.rope import prefix_positions, text_positions
 
 log = logging.getLogger(__name__)
@@ -75,8 +80,8 @@ def choose_providers(providers: Sequence[str] | str | None = None, device: str |
 
 
 @dataclass(frozen=True)
-class OrtFrameState:
-    """A prefilled frame: the prefix's present key/values (OrtValues, never modified) and the next position."""
+class OrtPrefix:
+    """A prefilled frame prefix: present key/values (OrtValues, never modified) and the next position."""
 
     kv: tuple[Any, ...]
     prefix_length: int
@@ -92,7 +97,6 @@ class OnnxRuntimeBackend:
 
     def __init__(self, onnx_dir: str | Path, *, providers: Sequence[str] | str | None = None,
                  device: str | None = None, threads: int | None = None) -> None:  # fmt: skip
-        from surgery_r1_ros.export.onnx_export import load_manifest
         from surgery_r1_ros.model.processor import SurgeryR1Processor
 
         ort = _import_ort()
@@ -104,6 +108,9 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        on_cpu = self.providers[0] == "CPUExecutionProvider"
+        if threads is None and on_cpu and self._parameters() < SMALL_MODEL_PARAMETERS:
+            threads = 1  # see SMALL_MODEL_PARAMETERS
         if threads:
             options.intra_op_num_threads = int(threads)
         provider_args = [self._provider_options(p) for p in self.providers]
@@ -127,6 +134,11 @@ class OnnxRuntimeBackend:
         self.grid = [int(v) for v in self.manifest["image_grid_thw"]]
         self.merge = int(self.manifest["spatial_merge_size"])
         log.info("onnxruntime backend on %s from %s", ", ".join(self.active_providers), self.onnx_dir)
+
+    def _parameters(self) -> int:
+        """About how many parameters the graphs hold: the float32 ONNX files' bytes (weights included) / 4."""
+        skip = {MANIFEST, self.manifest["files"]["embeddings"]}
+        return sum(p.stat().st_size for p in self.onnx_dir.iterdir() if p.is_file() and p.name not in skip) // 4
 
     def _provider_options(self, provider: str) -> dict:
         if provider == "TensorrtExecutionProvider":
@@ -159,7 +171,7 @@ class OnnxRuntimeBackend:
         return token, logits, tuple(outputs[2:])
 
     # -- frame prefix ------------------------------------------------------------------------------
-    def encode_frame(self, pixel_values, image_grid_thw, prefix_ids: Sequence[int]) -> tuple[OrtFrameState, dict]:
+    def encode_frame(self, pixel_values, image_grid_thw, prefix_ids: Sequence[int]) -> tuple[OrtPrefix, dict]:
         grid = [int(v) for v in np.asarray(image_grid_thw).reshape(-1)]
         if grid != self.grid:
             raise EngineError(
@@ -179,33 +191,31 @@ class OnnxRuntimeBackend:
         positions, next_position = prefix_positions(ids, self.image_token_id, grid, self.merge)
         _, _, present = self._decode(embeds[None], positions, None, 0)
         timings["prefix_prefill_ms"] = _ms(start)
-        return OrtFrameState(present, len(ids), next_position), timings
+        return OrtPrefix(present, len(ids), next_position), timings
 
     # -- question and answer -----------------------------------------------------------------------
-    def generate(self, frame: OrtFrameState, suffix_ids: Sequence[int], max_new_tokens: int,
-                 stop_ids: Sequence[int]) -> tuple[list[int], dict]:  # fmt: skip
-        start = time.perf_counter()
+    def session(self) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
+
+    def prefill(self, frame: OrtPrefix, suffix_ids: Sequence[int], max_new_tokens: int) -> tuple[int, Step]:
         ids = np.asarray(list(suffix_ids), dtype=np.int64)
         embeds = np.array(self.embeddings[ids], dtype=np.float32)[None]
-        token, _, past = self._decode(embeds, text_positions(frame.next_position, len(ids)), frame.kv,
+        first, _, past = self._decode(embeds, text_positions(frame.next_position, len(ids)), frame.kv,
                                       frame.prefix_length)  # fmt: skip
-        timings = {"prefill_ms": _ms(start)}
-
-        start = time.perf_counter()
-        stops = set(stop_ids)
-        out = [token]
         length = frame.prefix_length + len(ids)
         position = frame.next_position + len(ids)
-        while token not in stops and len(out) < max_new_tokens:
+
+        def step(token: int) -> int:
+            nonlocal past, length, position
             embed = np.array(self.embeddings[[token]], dtype=np.float32)[None]
             token, _, past = self._decode(embed, text_positions(position, 1), past, length)
-            out.append(token)
             length += 1
             position += 1
-        timings["decode_ms"] = _ms(start)
-        return out, timings
+            return token
 
-    def logits(self, frame: OrtFrameState, suffix_ids: Sequence[int], continuation: Sequence[int]) -> list[np.ndarray]:
+        return first, step
+
+    def logits(self, frame: OrtPrefix, suffix_ids: Sequence[int], continuation: Sequence[int]) -> list[np.ndarray]:
         """Last-position logits after the suffix and after each continuation token (parity checks; CPU only)."""
         ids = np.asarray(list(suffix_ids), dtype=np.int64)
         embeds = np.array(self.embeddings[ids], dtype=np.float32)[None]
@@ -231,12 +241,9 @@ class OnnxRuntimeBackend:
 def create(model: Any = None, *, device: str | None = None, dtype: Any = None, onnx_dir: str | Path | None = None,
            providers: Sequence[str] | str | None = None, threads: int | None = None) -> OnnxRuntimeBackend:  # fmt: skip
     """Backend factory: ``model`` is an export folder, a model folder, a LoadedModel or None (built-in)."""
-    from surgery_r1_ros.export.onnx_export import ensure_export
-
     if dtype is not None and str(dtype).replace("torch.", "") not in ("float32", "auto"):
         log.info("onnxruntime backend: the export is float32; dtype %s is not applied", dtype)
-    folder = ensure_export(model, onnx_dir)
-    return OnnxRuntimeBackend(folder, providers=providers, device=device, threads=threads)
+    return OnnxRuntimeBackend(onnx_export_for(model, onnx_dir), providers=providers, device=device, threads=threads)
 
 
-__all__ = ["PREFERRED_PROVIDERS", "OnnxRuntimeBackend", "OrtFrameState", "choose_providers", "create"]
+__all__ = ["PREFERRED_PROVIDERS", "OnnxRuntimeBackend", "OrtPrefix", "choose_providers", "create"]

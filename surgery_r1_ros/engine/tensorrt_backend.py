@@ -7,7 +7,8 @@ prefix, question) and ``decode`` (one token). The image prefix is prefilled afte
 that the attention mask hides, so no tensor ever has a zero-length axis.
 
 ``model`` may be an engine folder (``tensorrt_manifest.json``), an export folder (engines are built into
-``<export>/tensorrt`` once and cached by the ONNX hash), a model folder, a LoadedModel or None.
+``<export>/tensorrt`` once and cached by the ONNX hash, see ``engine.artifacts``), a model folder, a
+LoadedModel or None.
 
 Not verified on a machine with TensorRT (none could be installed where this was written): the code
 follows the TensorRT 10 Python API; the onnxruntime backend, which shares the export and this file's
@@ -16,6 +17,7 @@ prompt handling, is tested.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -25,16 +27,41 @@ from typing import Any
 
 import numpy as np
 
-from surgery_r1_ros.engine.backends import EngineError
+from surgery_r1_ros.engine.api import EngineError
+from surgery_r1_ros.engine.artifacts import (
+    ENGINE_SUBDIR,
+    MANIFEST,
+    TRT_MANIFEST,
+    load_manifest,
+    load_trt_manifest,
+    onnx_export_for,
+    tensorrt_engines_for,
+)
+from surgery_r1_ros.engine.decode import Step
 from surgery_r1_ros.engine.rope import prefix_positions, text_positions
 
 log = logging.getLogger(__name__)
 
-ENGINE_SUBDIR = "tensorrt"
+
+class TensorRTNotInstalled(EngineError):
+    """``import tensorrt`` failed: say how to get it."""
+
+
+def import_tensorrt():
+    """The ``tensorrt`` module, or a TensorRTNotInstalled error that says what to install where."""
+    try:
+        import tensorrt
+    except ImportError as err:
+        raise TensorRTNotInstalled(
+            "TensorRT is not installed: pip install tensorrt on a CUDA machine (NVIDIA driver and GPU needed; "
+            "tensorrt-cu12 or tensorrt-cu13 to match the CUDA of your torch), then re-run. "
+            f"Without it use the onnxruntime or torch backend. ({type(err).__name__}: {err})"
+        ) from err
+    return tensorrt
 
 
 @dataclass(frozen=True)
-class TrtFrameState:
+class TrtPrefix:
     kv: tuple[Any, ...]  # torch CUDA tensors (1, kv_heads, 1 + prefix, head_dim), never modified
     past_length: int  # dummy + prefix
     next_position: int
@@ -100,8 +127,6 @@ class TensorRTBackend:
     def __init__(self, engine_dir: str | Path) -> None:
         import torch
 
-        from surgery_r1_ros.export.onnx_export import load_manifest
-        from surgery_r1_ros.export.tensorrt_build import import_tensorrt, load_trt_manifest
         from surgery_r1_ros.model.processor import SurgeryR1Processor
 
         trt = import_tensorrt()
@@ -125,8 +150,8 @@ class TensorRTBackend:
         if any(e is None for e in self._engines.values()):
             raise EngineError(f"TensorRT could not load the engines in {self.engine_dir}; rebuild them")
         self.vision = _Runner(trt, self._engines["vision"], 0, self.stream)
-        self.prefill = _Runner(trt, self._engines["decoder"], 0, self.stream)
-        self.decode = _Runner(trt, self._engines["decoder"], 1, self.stream)
+        self.prefill_runner = _Runner(trt, self._engines["decoder"], 0, self.stream)
+        self.decode_runner = _Runner(trt, self._engines["decoder"], 1, self.stream)
         self.embeddings = torch.from_numpy(np.load(self.onnx_dir / files["embeddings"])).to("cuda")
         text = self.manifest["text"]
         self.dummy = int(self.trt_manifest.get("dummy_past", 1))
@@ -164,7 +189,7 @@ class TensorRTBackend:
             out = runner(feeds)
         return out["next_token"], tuple(out[name] for name in self.present_names)
 
-    def encode_frame(self, pixel_values, image_grid_thw, prefix_ids: Sequence[int]) -> tuple[TrtFrameState, dict]:
+    def encode_frame(self, pixel_values, image_grid_thw, prefix_ids: Sequence[int]) -> tuple[TrtPrefix, dict]:
         import torch
 
         grid = [int(v) for v in np.asarray(image_grid_thw).reshape(-1)]
@@ -184,40 +209,36 @@ class TensorRTBackend:
         embeds[ids == self.image_token_id] = image_embeds.to(embeds.dtype)
         positions, next_position = prefix_positions(prefix_ids, self.image_token_id, grid, self.merge)
         past = [self._dummy_past] * len(self.past_names)
-        _, present = self._run_decoder(self.prefill, embeds[None], positions, past, self.dummy)
+        _, present = self._run_decoder(self.prefill_runner, embeds[None], positions, past, self.dummy)
         self.stream.synchronize()
         timings["prefix_prefill_ms"] = _ms(start)
-        return TrtFrameState(present, self.dummy + len(prefix_ids), next_position), timings
+        return TrtPrefix(present, self.dummy + len(prefix_ids), next_position), timings
 
-    def generate(self, frame: TrtFrameState, suffix_ids: Sequence[int], max_new_tokens: int,
-                 stop_ids: Sequence[int]) -> tuple[list[int], dict]:  # fmt: skip
+    def session(self) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
+
+    def prefill(self, frame: TrtPrefix, suffix_ids: Sequence[int], max_new_tokens: int) -> tuple[int, Step]:
         import torch
 
-        start = time.perf_counter()
         ids = torch.tensor(list(suffix_ids), dtype=torch.long, device="cuda")
-        token_t, past = self._run_decoder(self.prefill, self.embeddings[ids][None],
+        token_t, past = self._run_decoder(self.prefill_runner, self.embeddings[ids][None],
                                           text_positions(frame.next_position, len(suffix_ids)), frame.kv,
                                           frame.past_length)  # fmt: skip
-        token = int(token_t.reshape(-1)[0])
-        timings = {"prefill_ms": _ms(start)}
-
-        start = time.perf_counter()
-        stops = set(stop_ids)
-        out = [token]
         length = frame.past_length + len(suffix_ids)
         position = frame.next_position + len(suffix_ids)
-        while token not in stops and len(out) < max_new_tokens:
-            embed = self.embeddings[token_t.reshape(1).to(torch.long)][None]
-            token_t, past = self._run_decoder(self.decode, embed, text_positions(position, 1), past, length)
-            token = int(token_t.reshape(-1)[0])
-            out.append(token)
+
+        def step(token: int) -> int:
+            nonlocal token_t, past, length, position
+            embed = self.embeddings[token_t.reshape(1).to(torch.long)][None]  # stays on the GPU
+            token_t, past = self._run_decoder(self.decode_runner, embed, text_positions(position, 1), past, length)
             length += 1
             position += 1
-        timings["decode_ms"] = _ms(start)
-        return out, timings
+            return int(token_t.reshape(-1)[0])
+
+        return int(token_t.reshape(-1)[0]), step
 
     def close(self) -> None:
-        self.vision = self.prefill = self.decode = None
+        self.vision = self.prefill_runner = self.decode_runner = None
         self._engines = {}
 
 
@@ -232,19 +253,7 @@ def create(
     **settings: Any,
 ) -> TensorRTBackend:
     """Backend factory: engine folder, export folder, model folder, LoadedModel or None (built-in)."""
-    from surgery_r1_ros.export.onnx_export import MANIFEST, ensure_export
-    from surgery_r1_ros.export.tensorrt_build import (
-        TRT_MANIFEST,
-        BuildSettings,
-        TensorRTNotInstalled,
-        build_engines,
-        import_tensorrt,
-    )
-
-    try:
-        import_tensorrt()
-    except TensorRTNotInstalled as err:
-        raise EngineError(str(err)) from err
+    trt = import_tensorrt()
     if device is not None and not str(device).startswith("cuda"):
         raise EngineError(f"the tensorrt backend runs on CUDA only; device {device!r} is not supported")
     if engine_dir is None and isinstance(model, (str, Path)) and (Path(model) / TRT_MANIFEST).is_file():
@@ -252,14 +261,14 @@ def create(
     if engine_dir is None:
         if isinstance(model, (str, Path)) and (Path(model) / MANIFEST).is_file() and onnx_dir is None:
             onnx_dir = Path(model)
-        folder = ensure_export(model, onnx_dir)
+        folder = onnx_export_for(model, onnx_dir)
         if precision is None:
             precision = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(
                 str(dtype).replace("torch.", ""), "fp16"
             )
-        engine_dir = folder / ENGINE_SUBDIR
-        build_engines(folder, engine_dir, BuildSettings(precision=precision, **settings))
+        engine_dir = tensorrt_engines_for(folder, folder / ENGINE_SUBDIR, {"precision": precision, **settings},
+                                          trt.__version__)  # fmt: skip
     return TensorRTBackend(engine_dir)
 
 
-__all__ = ["TensorRTBackend", "TrtFrameState", "create"]
+__all__ = ["TensorRTBackend", "TensorRTNotInstalled", "TrtPrefix", "create", "import_tensorrt"]

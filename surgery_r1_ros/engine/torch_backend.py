@@ -1,9 +1,10 @@
 """The PyTorch backend: runs the Qwen2.5-VL model from transformers on CPU or CUDA.
 
 CPU (the tested path): the frame prefix is prefilled once into a DynamicCache whose per-layer key/value
-tensors are kept as the frame state. Each ask starts a fresh DynamicCache from those tensors (its first
-update concatenates, so the frame's tensors are never modified), prefills the question suffix with
-3-row M-RoPE positions that continue after the image, and decodes greedily.
+tensors are kept as the frame state (``TorchPrefix``). Each ask starts a fresh DynamicCache from those
+tensors (its first update concatenates, so the frame's tensors are never modified), prefills the question
+suffix with 3-row M-RoPE positions that continue after the image, and hands ``engine.decode`` a one-token
+step.
 
 CUDA: bf16 weights, and a static KV cache allocated once; each ask copies the frame prefix into it in
 place, prefills the suffix eagerly and runs the one-token decode step through ``torch.compile``
@@ -22,6 +23,8 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, StaticCache
 
+from surgery_r1_ros.engine.backends import SMALL_MODEL_PARAMETERS
+from surgery_r1_ros.engine.decode import Step
 from surgery_r1_ros.engine.rope import prefix_positions, text_positions
 from surgery_r1_ros.model import LoadedModel, load_model
 
@@ -29,16 +32,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class FrameState:
-    """A prefilled frame: per-layer (key, value) of the prefix and the next text position."""
+class TorchPrefix:
+    """A prefilled frame prefix: per-layer (key, value) and the next text position."""
 
     kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]
     prefix_length: int
     next_position: int
-
-
-# Below this many parameters a CPU model runs on one thread by default (see TorchBackend).
-SMALL_MODEL_PARAMETERS = 50_000_000
 
 
 def _ms(start: float) -> float:
@@ -63,8 +62,8 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, loaded: LoadedModel, *, static_cache: bool | None = None, compile: bool | None = None,
-                 max_cache_len: int = 1024, num_threads: int | None = None) -> None:  # fmt: skip
-        """``num_threads``: CPU intra-op threads while this backend runs (restored afterwards). Default: 1 for
+                 max_cache_len: int = 1024, threads: int | None = None) -> None:  # fmt: skip
+        """``threads``: CPU intra-op threads while this backend runs (restored afterwards). Default: 1 for
         a small model on CPU, whose matrices are too small to gain from splitting and which, on a busy
         machine, loses far more to waiting threads (measured on 2 cores under load: 2 threads ran the
         built-in model 5-10x slower than 1); torch's own setting otherwise."""
@@ -77,7 +76,7 @@ class TorchBackend:
         self.compile = (on_cuda and self.static_cache) if compile is None else compile
         self.max_cache_len = max_cache_len
         small = sum(p.numel() for p in self.model.parameters()) < SMALL_MODEL_PARAMETERS
-        self.num_threads = num_threads if num_threads is not None else (1 if small and not on_cuda else None)
+        self.threads = threads if threads is not None else (1 if small and not on_cuda else None)
         self.config = self.model.config
         self.text_model = self.model.model.language_model
         self.lm_head = self.model.lm_head
@@ -87,13 +86,14 @@ class TorchBackend:
         if self.compile:
             self._decode_step = torch.compile(self._eager_step, mode="reduce-overhead", fullgraph=False, dynamic=False)
 
-    # -- frame prefix ------------------------------------------------------------------------------
-    def encode_frame(self, pixel_values, image_grid_thw, prefix_ids: Sequence[int]) -> tuple[FrameState, dict]:
-        with _torch_threads(self.num_threads):
-            return self._encode_frame(pixel_values, image_grid_thw, prefix_ids)
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Around every call of the Engine: this backend's thread count and inference mode."""
+        with _torch_threads(self.threads), torch.inference_mode():
+            yield
 
-    @torch.inference_mode()
-    def _encode_frame(self, pixel_values, image_grid_thw, prefix_ids: Sequence[int]) -> tuple[FrameState, dict]:
+    # -- frame prefix ------------------------------------------------------------------------------
+    def encode_frame(self, pixel_values, image_grid_thw, prefix_ids: Sequence[int]) -> tuple[TorchPrefix, dict]:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         device = self.model.device
@@ -119,14 +119,14 @@ class TorchBackend:
         if device.type == "cuda":
             torch.cuda.synchronize()
         timings["prefix_prefill_ms"] = _ms(start)
-        return FrameState(kv, len(prefix_ids), next_position), timings
+        return TorchPrefix(kv, len(prefix_ids), next_position), timings
 
     # -- question and answer -----------------------------------------------------------------------
     def _eager_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
         hidden = self.text_model(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True)
         return self.lm_head(hidden.last_hidden_state[:, -1, :])
 
-    def _fresh_cache(self, frame: FrameState, total: int):
+    def _fresh_cache(self, frame: TorchPrefix, total: int):
         if not self.static_cache:
             return DynamicCache(ddp_cache_data=[(k, v) for k, v in frame.kv], config=self.config)
         if self._static is None or self._static.get_max_length() < total:
@@ -139,41 +139,24 @@ class TorchBackend:
             layer.cumulative_length.fill_(frame.prefix_length)
         return self._static
 
-    def generate(self, frame: FrameState, suffix_ids: Sequence[int], max_new_tokens: int,
-                 stop_ids: Sequence[int]) -> tuple[list[int], dict]:  # fmt: skip
-        with _torch_threads(self.num_threads):
-            return self._generate(frame, suffix_ids, max_new_tokens, stop_ids)
-
-    @torch.inference_mode()
-    def _generate(self, frame: FrameState, suffix_ids: Sequence[int], max_new_tokens: int,
-                  stop_ids: Sequence[int]) -> tuple[list[int], dict]:  # fmt: skip
+    def prefill(self, frame: TorchPrefix, suffix_ids: Sequence[int], max_new_tokens: int) -> tuple[int, Step]:
         device = self.model.device
-        cuda = device.type == "cuda"
-        start = time.perf_counter()
         cache = self._fresh_cache(frame, frame.prefix_length + len(suffix_ids) + max_new_tokens)
         ids = torch.tensor([list(suffix_ids)], dtype=torch.long, device=device)
         pos = torch.from_numpy(text_positions(frame.next_position, len(suffix_ids))).to(device).unsqueeze(1)
-        logits = self._eager_step(ids, pos, cache)
-        token = int(logits.argmax(-1))
-        if cuda:
-            torch.cuda.synchronize()
-        timings = {"prefill_ms": _ms(start)}
-
-        start = time.perf_counter()
-        stops = set(stop_ids)
-        out = [token]
+        first = int(self._eager_step(ids, pos, cache).argmax(-1))
         position = frame.next_position + len(suffix_ids)
         step_ids = torch.empty((1, 1), dtype=torch.long, device=device)
         step_pos = torch.empty((3, 1, 1), dtype=torch.long, device=device)
-        while token not in stops and len(out) < max_new_tokens:
+
+        def step(token: int) -> int:
+            nonlocal position
             step_ids.fill_(token)
             step_pos.fill_(position)
-            logits = self._step(step_ids, step_pos, cache)
-            token = int(logits.argmax(-1))
-            out.append(token)
             position += 1
-        timings["decode_ms"] = _ms(start)
-        return out, timings
+            return int(self._step(step_ids, step_pos, cache).argmax(-1))
+
+        return first, step
 
     def _step(self, input_ids, position_ids, cache) -> torch.Tensor:
         if self._decode_step is self._eager_step:
@@ -203,4 +186,4 @@ def create(model: LoadedModel | str | Path | None = None, *, device: str | None 
     return TorchBackend(model, **options)
 
 
-__all__ = ["FrameState", "TorchBackend", "create"]
+__all__ = ["TorchBackend", "TorchPrefix", "create"]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
+MAX_ERROR_CHARS = 300  # last_*_error values are cut to this: a message may quote what a client sent
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,10 @@ class NodeStats:
             self._trim(now)
 
     def bad_frame(self, reason: str, message: str) -> None:
+        """A frame refused at intake (or dropped when it failed to decode), counted as frames_skipped_<reason>."""
         with self._lock:
             self.errors[f"frames_skipped_{reason}"] += 1
-            self.last_frame_error = message
+            self.last_frame_error = message[:MAX_ERROR_CHARS]
 
     def answer(self, latency_ms: float, inference_ms: float) -> None:
         with self._lock:
@@ -59,7 +61,7 @@ class NodeStats:
         with self._lock:
             self.refused += 1
             self.errors[f"requests_refused_{reason}"] += 1
-            self.last_request_error = message
+            self.last_request_error = message[:MAX_ERROR_CHARS]
 
     def _trim(self, now: float) -> None:
         while self._arrivals and now - self._arrivals[0] > self._rate_window_s:
@@ -120,6 +122,7 @@ class NodeStats:
             }
         values.update({k: str(v) for k, v in sorted(errors.items())})
         skipped = sum(v for k, v in errors.items() if k.startswith("frames_skipped"))
+        values["frames_skipped"] = str(skipped)
         if state != "active":
             return Status(WARN, f"{state}: not answering", values)
         if age is None:

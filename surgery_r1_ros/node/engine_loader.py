@@ -1,17 +1,14 @@
-"""Create the node's engine from its parameters: the built-in Engine, or a user class ``package.module:Class``.
+"""The node's engine from its parameters, through ``engine.open_engine`` (backend name or ``package.module:Class``).
 
-A user class has the Engine's interface: ``Class(model, device=...)``, ``ask(question, image=, stamp=,
-reasoning=, max_new_tokens=)`` returning an object with ``answer``, ``reasoning``, ``box`` (x1, y1, x2, y2
-pixels of the image, or None) and ``coherent``; optionally ``encode(image, stamp)`` and ``close()``.
 Every failure becomes an ``EngineLoadError`` with one clear line, so configure can fail cleanly.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from surgery_r1_ros.engine.api import EngineProtocol, open_engine
 
 
 class EngineLoadError(RuntimeError):
@@ -20,65 +17,26 @@ class EngineLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class LoadedEngine:
-    engine: Any
+    engine: EngineProtocol
     model: str  # what to show in diagnostics
-    backend: str
+    backend: str  # the backend in use ("auto" resolved) or the user class
     device: str
-    input_errors: tuple[type[BaseException], ...]  # exceptions that mean "bad request", not "engine broken"
 
 
-def load_engine(
-    model_path: str,
-    backend: str,
-    device: str,
-    *,
-    max_question_chars: int | None = None,
-    cache_size: int | None = None,
-) -> LoadedEngine:
+def load_engine(model_path: str, backend: str, device: str, *, max_question_length: int | None = None) -> LoadedEngine:
+    """Open the engine named by the node's ``model_path``, ``backend`` and ``device`` parameters."""
     model = model_path.strip() or None
     if model is not None and not Path(model).expanduser().is_dir():
         raise EngineLoadError(f"model_path {model_path!r} is not a folder (leave it empty for the built-in model)")
     dev = None if device.strip().lower() in ("", "auto") else device.strip()
-    if ":" in backend:
-        return _load_user_class(backend, model, dev)
+    options = {} if max_question_length is None else {"max_question_length": max_question_length}
     try:
-        from surgery_r1_ros.engine import Engine, EngineError
+        engine = open_engine(model, backend, dev, **options)
     except Exception as err:
-        raise EngineLoadError(f"the built-in engine cannot be imported: {type(err).__name__}: {err}") from err
-    options: dict[str, Any] = {}
-    if max_question_chars:
-        options["max_question_chars"] = max_question_chars
-    if cache_size:
-        options["cache_size"] = cache_size
-    try:
-        engine = Engine(model, backend=backend, device=dev, **options)
-    except Exception as err:
-        raise EngineLoadError(f"cannot load the model with backend {backend!r}: {type(err).__name__}: {err}") from err
-    return LoadedEngine(
-        engine=engine,
-        model=_model_name(model),
-        backend=backend,
-        device=str(getattr(engine.backend, "device", dev or "auto")),
-        input_errors=(EngineError,),
-    )
-
-
-def _load_user_class(spec: str, model: str | None, device: str | None) -> LoadedEngine:
-    module_name, _, class_name = spec.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as err:
-        raise EngineLoadError(
-            f"backend {spec!r}: cannot import {class_name!r} from {module_name!r} ({err}); "
-            "use a backend name such as 'torch' or 'package.module:ClassName' on the PYTHONPATH"
-        ) from err
-    try:
-        engine = cls(model, device=device)
-    except Exception as err:
-        raise EngineLoadError(f"backend {spec!r} failed to start: {type(err).__name__}: {err}") from err
-    if not callable(getattr(engine, "ask", None)):
-        raise EngineLoadError(f"backend {spec!r}: {class_name} has no ask() method")
-    return LoadedEngine(engine, _model_name(model), spec, device or "auto", input_errors=(ValueError,))
+        raise EngineLoadError(f"backend {backend!r} failed to start: {type(err).__name__}: {err}") from err
+    if ":" in backend:  # open_engine's rule: anything else is the built-in Engine
+        return LoadedEngine(engine, _model_name(model), backend, dev or "auto")
+    return LoadedEngine(engine, _model_name(model), engine.backend.name, engine.device)
 
 
 def _model_name(model: str | None) -> str:

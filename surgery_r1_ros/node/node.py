@@ -1,16 +1,23 @@
 """The Surgery-R1 lifecycle node: camera frames in, grounded answers out.
 
 - configure: load the engine (model_path, backend, device); a bad model or backend fails the transition
-  with one clear log line. Creates ~/ask (AskQuestion), ~/answers (GroundedAnswer), ~/annotated_image.
+  with one clear log line. Creates ~/ask (AskQuestion service), ~/ask_action (AskQuestion action: the
+  reasoning streamed as feedback, cancellable), ~/answers (GroundedAnswer), ~/annotated_image.
 - activate: subscribe the camera (image_topic, raw or compressed, QoS image_qos) into a small stamped
   buffer; answer questions.
 - /diagnostics: model, backend, input frame rate, frame age, latency p50/p95/last, error counts.
 
 Threading (measured in benchmarks/bench_node.py): by default one thread spins the executor (image intake,
-service requests, timers) and never runs the model; an inference worker thread owns the engine and a
-bounded queue of questions. The service callback is a coroutine that waits for its job without blocking
-the executor, so frames keep flowing while a question is answered. ``executor:=multi`` runs the same node
-under a MultiThreadedExecutor for comparison.
+service requests, goals, timers) and never runs the model; an inference worker thread owns the engine and
+a bounded queue of questions, shared by the service and the action. Their callbacks are coroutines that
+wait for their job without blocking the executor, so frames keep flowing while a question is answered.
+``executor:=multi`` runs the same node under a MultiThreadedExecutor for comparison.
+
+Goals: a goal is rejected (reason in the log and the diagnostics counters) when the node is not active or
+the queue is full; otherwise it is answered like a service request, with feedback (reasoning so far,
+tokens) after every generated token. A cancel stops the generation before its next decode step and ends the
+goal as canceled, with the reasoning generated so far in the result. A client that disappears mid-goal
+changes nothing: the answer is computed, published on ~/answers and dropped after rclpy's result timeout.
 """
 
 from __future__ import annotations
@@ -26,22 +33,27 @@ import rclpy
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.action.server import ServerGoalHandle
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data, qos_profile_system_default
 from rclpy.task import Future
-from sensor_msgs.msg import CompressedImage, Image, RegionOfInterest
+from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
+from surgery_r1_interfaces.action import AskQuestion as AskAction
 from surgery_r1_interfaces.msg import GroundedAnswer
 from surgery_r1_interfaces.srv import AskQuestion
+from surgery_r1_ros.engine.api import InputError, Progress, check_question
 from surgery_r1_ros.node.annotate import draw_answer
-from surgery_r1_ros.node.buffer import Frame, FrameBuffer, FrameSelectionError, ns_to_stamp, stamp_to_ns
+from surgery_r1_ros.node.buffer import Frame, FrameBuffer, FrameSelectionError
 from surgery_r1_ros.node.diagnostics import NodeStats
 from surgery_r1_ros.node.engine_loader import EngineLoadError, LoadedEngine, load_engine
 from surgery_r1_ros.node.image import (
     ImageError,
+    check_compressed,
     check_image,
     clean_frame_id,
     compressed_to_rgb,
@@ -50,8 +62,10 @@ from surgery_r1_ros.node.image import (
 )
 from surgery_r1_ros.node.params import EXECUTOR_CHOICES, NODE_NAME, PARAMETERS, QOS_CHOICES
 from surgery_r1_ros.node.worker import InferenceWorker, Job, QueueFull
+from surgery_r1_ros.ros_fields import box_to_roi, msg_stamp_ns, ns_to_stamp
 
 WARMUP_QUESTION = "What organ is being operated?"
+Reply = AskQuestion.Response | AskAction.Result  # the same fields
 
 
 class Refusal(Exception):
@@ -78,19 +92,20 @@ class SurgeryR1Node(LifecycleNode):
         self.stats = NodeStats()
         self.loaded: LoadedEngine | None = None
         self.worker: InferenceWorker | None = None
-        self.buffer = FrameBuffer(max(1, int(self.param("buffer_size"))))
+        self.buffer = FrameBuffer(max(1, int(self.param("buffer_size"))), self._bad_frame)
         self._active = False
         self._state = "unconfigured"
         self._image_sub = None
         self._ask_srv = None
+        self._ask_action: ActionServer | None = None
         self._answers_pub = None
         self._annotated_pub = None
         self._subscribed_topic = ""
-        self._service_group = ReentrantCallbackGroup()  # many questions in flight at once
+        self._request_group = ReentrantCallbackGroup()  # many questions and goals in flight at once
         self._image_group = MutuallyExclusiveCallbackGroup()
         self._timer_group = MutuallyExclusiveCallbackGroup()
-        # The worker wakes the executor through this when an answer is ready (see _ask_async).
-        self._wake = self.create_guard_condition(lambda: None, self._service_group)
+        # The worker wakes the executor through this when an answer is ready (see _run).
+        self._wake = self.create_guard_condition(lambda: None, self._request_group)
         self.executor_kind = str(self.param("executor"))
         if self.executor_kind not in EXECUTOR_CHOICES:
             self.get_logger().error(f"executor {self.executor_kind!r} unknown; using 'single' ({EXECUTOR_CHOICES})")
@@ -116,10 +131,7 @@ class SurgeryR1Node(LifecycleNode):
         start = time.perf_counter()
         try:
             self.loaded = load_engine(
-                model_path,
-                backend,
-                device,
-                max_question_chars=int(self.param("max_question_length")),
+                model_path, backend, device, max_question_length=int(self.param("max_question_length"))
             )
         except EngineLoadError as err:
             log.error(f"configure failed: {err}")
@@ -130,10 +142,10 @@ class SurgeryR1Node(LifecycleNode):
         if self.param("warmup"):
             self._warmup()
         log.info(
-            f"model {self.loaded.model} ready on {self.loaded.device} ({backend}) "
+            f"model {self.loaded.model} ready on {self.loaded.device} ({self.loaded.backend}) "
             f"in {time.perf_counter() - start:.1f} s"
         )
-        self.buffer = FrameBuffer(int(self.param("buffer_size")))
+        self.buffer = FrameBuffer(int(self.param("buffer_size")), self._bad_frame)
         max_new_tokens = int(self.param("max_new_tokens"))
         self.worker = InferenceWorker(
             self.loaded.engine,
@@ -142,14 +154,22 @@ class SurgeryR1Node(LifecycleNode):
             newest_frame=lambda: self.buffer.newest(),
             frame_interval_s=self._frame_interval_s,
             max_new_tokens=max_new_tokens if max_new_tokens > 0 else None,
-            input_errors=self.loaded.input_errors,
         )
         self.worker.start()
         self._answers_pub = self.create_lifecycle_publisher(GroundedAnswer, "~/answers", 10)
         self._annotated_pub = self.create_lifecycle_publisher(Image, "~/annotated_image", 2)
         if self._ask_srv is None:
-            callback = self._ask_async if self.executor_kind == "single" else self._ask_blocking
-            self._ask_srv = self.create_service(AskQuestion, "~/ask", callback, callback_group=self._service_group)
+            self._ask_srv = self.create_service(AskQuestion, "~/ask", self._ask, callback_group=self._request_group)
+        if self._ask_action is None:
+            self._ask_action = ActionServer(
+                self,
+                AskAction,
+                "~/ask_action",
+                execute_callback=self._execute_goal,
+                goal_callback=self._on_goal,
+                cancel_callback=lambda _goal: CancelResponse.ACCEPT,
+                callback_group=self._request_group,
+            )
         self._state = "inactive"
         return TransitionCallbackReturn.SUCCESS
 
@@ -211,10 +231,8 @@ class SurgeryR1Node(LifecycleNode):
             self.worker.stop()
             self.worker = None
         if self.loaded is not None:
-            close = getattr(self.loaded.engine, "close", None)
-            if callable(close):
-                with contextlib.suppress(Exception):
-                    close()
+            with contextlib.suppress(Exception):
+                self.loaded.engine.close()
             self.loaded = None
         for pub in (self._answers_pub, self._annotated_pub):
             if pub is not None:
@@ -223,6 +241,9 @@ class SurgeryR1Node(LifecycleNode):
         if self._ask_srv is not None:
             self.destroy_service(self._ask_srv)
             self._ask_srv = None
+        if self._ask_action is not None:
+            self._ask_action.destroy()
+            self._ask_action = None
         self.buffer.clear()
 
     def _check_parameters(self) -> None:
@@ -244,12 +265,8 @@ class SurgeryR1Node(LifecycleNode):
         """One question on a grey frame: the first real answer then runs at steady-state speed."""
         import numpy as np
 
-        engine = self.loaded.engine
         try:
-            engine.ask(WARMUP_QUESTION, image=np.full((224, 280, 3), 128, np.uint8), stamp=("warmup",))
-            forget = getattr(engine, "forget", None)
-            if callable(forget):
-                forget(("warmup",))
+            self.loaded.engine.ask(WARMUP_QUESTION, image=np.full((224, 280, 3), 128, np.uint8), stamp=("warmup",))
         except Exception as err:
             self.get_logger().warning(f"warm-up question failed ({type(err).__name__}: {err}); continuing")
 
@@ -270,22 +287,23 @@ class SurgeryR1Node(LifecycleNode):
 
     def _on_compressed(self, msg: CompressedImage) -> None:
         now = time.monotonic()
-        if len(msg.data) == 0:
-            self._bad_frame("decode", "compressed image is empty")
+        try:
+            width, height = check_compressed(msg.format, msg.data)  # the header only
+        except ImageError as err:
+            self._bad_frame(err.reason, str(err))
             return
-        if "compressedDepth" in msg.format:
-            self._bad_frame("encoding", f"unsupported compressed format {msg.format!r}: depth images")
-            return
-        self._store(msg.header, 0, 0, partial(compressed_to_rgb, msg.format, msg.data), now)  # decoded on use
+        convert = partial(compressed_to_rgb, msg.format, msg.data)  # decoded on first use
+        self._store(msg.header, width, height, convert, now, checked=False)
 
-    def _store(self, header: Header, width: int, height: int, convert, now: float) -> None:
+    def _store(self, header: Header, width: int, height: int, convert, now: float, checked: bool = True) -> None:
         frame = Frame(
-            stamp_ns=stamp_to_ns(header.stamp.sec, header.stamp.nanosec),
+            stamp_ns=msg_stamp_ns(header.stamp),
             frame_id=clean_frame_id(header.frame_id),
             received=now,
             width=width,
             height=height,
             convert=convert,
+            checked=checked,
         )
         self.buffer.push(frame)
         self.stats.frame(now)
@@ -296,50 +314,83 @@ class SurgeryR1Node(LifecycleNode):
         self.stats.bad_frame(reason, message)
         self.get_logger().warning(f"skipping camera frame: {message}", throttle_duration_sec=5.0)
 
-    # -- questions -------------------------------------------------------------------------------------
-    async def _ask_async(self, request: AskQuestion.Request, response: AskQuestion.Response):
-        """Single-threaded executor: queue the job and yield to the executor until the worker is done."""
+    # -- questions: the ~/ask service and the ~/ask_action action --------------------------------------
+    async def _ask(self, request: AskQuestion.Request, response: AskQuestion.Response) -> AskQuestion.Response:
         received = time.perf_counter()
         try:
             job = self._admit(request, received)
+            await self._run(job)
         except Refusal as refusal:
             return self._refuse(response, refusal, received)
-        future: Future = Future()
-        job.on_done = lambda j: (future.set_result(j), self._wake.trigger())
-        try:
-            self.worker.submit(job)
-        except QueueFull as err:
-            return self._refuse(response, Refusal("busy", str(err)), received)
-        await future
         return self._respond(response, job)
 
-    def _ask_blocking(self, request: AskQuestion.Request, response: AskQuestion.Response):
-        """MultiThreadedExecutor: the callback's thread waits for the worker."""
+    def _on_goal(self, goal: AskAction.Goal) -> GoalResponse:
+        """Accept a goal only when it can be queued now; the reason for a rejection goes to the log and counters."""
+        if not self._active or self.worker is None:
+            kind, reason = "inactive", f"the node is {self._state}, not active: activate it to send goals"
+        elif self.worker.full:
+            kind, reason = "busy", f"busy: {self.worker.max_queue} questions are already waiting or being answered"
+        else:
+            return GoalResponse.ACCEPT
+        self.stats.refusal(kind, reason)
+        self.get_logger().warning(f"goal {goal.question[:60]!r} rejected: {reason}", throttle_duration_sec=1.0)
+        return GoalResponse.REJECT
+
+    async def _execute_goal(self, goal_handle: ServerGoalHandle) -> AskAction.Result:
+        """A goal: the same job as a service request, with streamed feedback and cancel."""
         received = time.perf_counter()
+        result = AskAction.Result()
         try:
-            job = self._admit(request, received)
-            self.worker.submit(job)
+            job = self._admit(goal_handle.request, received)
+            job.on_token = partial(self._feedback, goal_handle)
+            job.cancelled = lambda: goal_handle.is_cancel_requested
+            await self._run(job)
         except Refusal as refusal:
-            return self._refuse(response, refusal, received)
-        except QueueFull as err:
-            return self._refuse(response, Refusal("busy", str(err)), received)
-        job.done.wait()
-        return self._respond(response, job)
+            goal_handle.abort()
+            return self._refuse(result, refusal, received)
+        self._respond(result, job)
+        if job.error_kind == "canceled":
+            result.reasoning = job.progress.reasoning if job.progress else ""
+            goal_handle.canceled()
+        elif result.success:
+            goal_handle.succeed()
+        else:
+            goal_handle.abort()
+        return result
 
-    def _admit(self, request: AskQuestion.Request, received: float) -> Job:
+    def _feedback(self, goal_handle: ServerGoalHandle, progress: Progress) -> None:
+        """Called by the worker after every generated token."""
+        try:
+            goal_handle.publish_feedback(AskAction.Feedback(reasoning=progress.reasoning, tokens=progress.new_tokens))
+        except Exception as err:  # the node is shutting down: the answer matters more than its feedback
+            self.get_logger().debug(f"feedback not published: {err}")
+
+    async def _run(self, job: Job) -> None:
+        """Queue the job and wait for the worker without holding the executor: the single-threaded executor
+        resumes this coroutine when the worker wakes it; under ``executor:=multi`` this callback's own thread
+        waits. Raises Refusal("busy") when the queue is full."""
+        future: Future | None = None
+        if self.executor_kind == "single":
+            future = Future()
+            job.on_done = lambda j: (future.set_result(j), self._wake.trigger())
+        try:
+            self.worker.submit(job)
+        except QueueFull as err:
+            raise Refusal("busy", str(err)) from None
+        if future is None:
+            job.done.wait()
+        else:
+            await future
+
+    def _admit(self, request: AskQuestion.Request | AskAction.Goal, received: float) -> Job:
         """Check the request and pick its frame, or raise Refusal with a message the caller can act on."""
         if not self._active or self.worker is None:
             raise Refusal("inactive", f"the node is {self._state}, not active: activate it to ask questions")
-        question = request.question.strip()
-        if not question:
-            raise Refusal("bad_question", 'the question is empty; ask e.g. "Where is bipolar_forceps located?"')
-        limit = int(self.param("max_question_length"))
-        if len(question) > limit:
-            raise Refusal(
-                "bad_question",
-                f"the question has {len(question)} characters; the limit is {limit} (max_question_length)",
-            )
-        stamp_ns = stamp_to_ns(request.stamp.sec, request.stamp.nanosec)
+        try:
+            question = check_question(request.question, int(self.param("max_question_length")))
+        except InputError as err:
+            raise Refusal("bad_question", str(err)) from None
+        stamp_ns = msg_stamp_ns(request.stamp)
         try:
             frame = self.buffer.select(
                 stamp_ns, float(self.param("stamp_tolerance_s")), float(self.param("max_frame_age_s"))
@@ -350,49 +401,49 @@ class SurgeryR1Node(LifecycleNode):
         job.frame_age_ms = frame.age() * 1000.0
         return job
 
-    def _refuse(self, response: AskQuestion.Response, refusal: Refusal, received: float) -> AskQuestion.Response:
-        response.success = False
-        response.error = str(refusal)
-        response.latency_ms = (time.perf_counter() - received) * 1000.0
-        self.stats.refusal(refusal.kind, response.error)
-        return response
+    def _refuse(self, reply: Reply, refusal: Refusal, received: float) -> Reply:
+        reply.success = False
+        reply.error = str(refusal)
+        reply.latency_ms = (time.perf_counter() - received) * 1000.0
+        self.stats.refusal(refusal.kind, reply.error)
+        return reply
 
-    def _respond(self, response: AskQuestion.Response, job: Job) -> AskQuestion.Response:
+    def _respond(self, reply: Reply, job: Job) -> Reply:
+        """Fill a service response or an action result (the same fields) from a finished job."""
         frame = job.frame
-        response.image_header = self._header(frame)
-        response.frame_age_ms = job.frame_age_ms
-        response.inference_ms = job.inference_ms
+        reply.image_header = self._header(frame)
+        reply.frame_age_ms = job.frame_age_ms
+        reply.inference_ms = job.inference_ms
         if job.error:
-            response.success = False
-            response.error = job.error
-            response.latency_ms = (time.perf_counter() - job.received) * 1000.0
+            reply.success = False
+            reply.error = job.error
+            reply.latency_ms = (time.perf_counter() - job.received) * 1000.0
             self.stats.refusal(job.error_kind, job.error)
-            return response
+            return reply
         ans = job.answer
-        box = getattr(ans, "box", None)
-        response.answer = getattr(ans, "answer", None) or ""
-        response.reasoning = getattr(ans, "reasoning", None) or ""
-        response.coherent = bool(getattr(ans, "coherent", False))
-        response.box = roi(box)
-        if response.answer:
-            response.success = True
+        reply.answer = ans.answer or ""
+        reply.reasoning = ans.reasoning or ""
+        reply.coherent = bool(ans.coherent)
+        reply.box = box_to_roi(ans.box)
+        if reply.answer:
+            reply.success = True
         else:
-            problems = "; ".join(getattr(ans, "problems", ()) or ()) or "empty answer"
-            response.success = False
-            response.error = f"the model gave no readable answer ({problems})"
-        response.latency_ms = (time.perf_counter() - job.received) * 1000.0
-        if response.success:
-            self.stats.answer(response.latency_ms, job.inference_ms)
-            threading.Thread(target=self._publish_answer, args=(job, response), daemon=True).start()
+            problems = "; ".join(ans.problems) or "empty answer"
+            reply.success = False
+            reply.error = f"the model gave no readable answer ({problems})"
+        reply.latency_ms = (time.perf_counter() - job.received) * 1000.0
+        if reply.success:
+            self.stats.answer(reply.latency_ms, job.inference_ms)
+            threading.Thread(target=self._publish_answer, args=(job, reply), daemon=True).start()
         else:
-            self.stats.refusal("no_answer", response.error)
-        return response
+            self.stats.refusal("no_answer", reply.error)
+        return reply
 
     def _header(self, frame: Frame) -> Header:
         sec, nanosec = ns_to_stamp(frame.stamp_ns)
         return Header(stamp=Time(sec=sec, nanosec=nanosec), frame_id=frame.frame_id)
 
-    def _publish_answer(self, job: Job, response: AskQuestion.Response) -> None:
+    def _publish_answer(self, job: Job, response: Reply) -> None:
         """~/answers and ~/annotated_image, off the executor and after the response went out."""
         try:
             if self._answers_pub is not None:
@@ -410,8 +461,7 @@ class SurgeryR1Node(LifecycleNode):
                 )
             pub = self._annotated_pub
             if pub is not None and self.param("publish_annotated") and pub.get_subscription_count() > 0:
-                box = getattr(job.answer, "box", None)
-                drawn = draw_answer(job.frame.rgb(), job.question, response.answer, box, response.coherent)
+                drawn = draw_answer(job.frame.rgb(), job.question, response.answer, job.answer.box, response.coherent)
                 height, width, encoding, step, data = rgb_to_image_fields(drawn)
                 pub.publish(
                     Image(
@@ -456,14 +506,6 @@ class SurgeryR1Node(LifecycleNode):
         )
         with contextlib.suppress(Exception):
             self._diag_pub.publish(msg)
-
-
-def roi(box) -> RegionOfInterest:
-    """x1, y1, x2, y2 pixels -> RegionOfInterest; a zero-size region when there is no box."""
-    if box is None:
-        return RegionOfInterest()
-    x1, y1, x2, y2 = (max(0, round(float(v))) for v in box)
-    return RegionOfInterest(x_offset=x1, y_offset=y1, width=max(0, x2 - x1), height=max(0, y2 - y1))
 
 
 def main(args: list[str] | None = None) -> int:

@@ -29,7 +29,12 @@ class Param:
 PARAMETERS: tuple[Param, ...] = (
     # model (read in on_configure)
     Param("model_path", "", "Model folder; empty: the built-in model shipped in the package"),
-    Param("backend", "torch", "Inference backend, or 'package.module:ClassName' for a user engine class"),
+    Param(
+        "backend",
+        "auto",
+        "auto (the fastest measured: onnxruntime on CPU, torch on CUDA), torch, onnxruntime, tensorrt, "
+        "or package.module:ClassName for a user engine class",
+    ),
     Param("device", "auto", "Where the model runs: auto, cpu, cuda, cuda:N"),
     Param("max_new_tokens", 0, "Cap on generated tokens per answer; 0: the model folder's default"),
     Param("warmup", True, "Run one dummy question at configure so the first real answer is not slow"),

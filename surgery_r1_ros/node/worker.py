@@ -1,10 +1,13 @@
 """The inference worker: one thread owns the engine; a bounded queue of questions; frames encoded ahead.
 
-The ROS executor never runs the model. A service callback validates the request, picks its frame and
-``submit``s a Job; the worker answers jobs in arrival order and, while idle, encodes the newest frame so a
-question about it pays only for the question (when the engine has ``encode`` and can keep up with the
-camera: an encoder slower than the frame interval would only delay questions behind frames nobody asked
-about). ``Job.finish`` calls the job's ``on_done`` from the worker thread. ROS-free.
+The ROS executor never runs the model. A service or action callback validates the request, picks its frame
+and ``submit``s a Job; the worker answers jobs in arrival order and, while idle, encodes the newest frame so
+a question about it pays only for the question (when the encoder keeps up with the camera: one slower than
+the frame interval would only delay questions behind frames nobody asked about). The engine alone knows
+which frames it holds: the worker only remembers the newest stamp it handed over, and always passes the
+image with a question (an engine that still holds the stamp does not encode it again). A job may stream
+(``on_token``) and be cancelled (``cancelled``): a cancelled job ends with ``error_kind`` "canceled" and
+the ``progress`` made. ``Job.finish`` calls the job's ``on_done`` from the worker thread. ROS-free.
 """
 
 from __future__ import annotations
@@ -16,8 +19,16 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+from surgery_r1_ros.engine.api import (
+    CancelCheck,
+    Cancelled,
+    EngineProtocol,
+    GroundedAnswer,
+    InputError,
+    Progress,
+    TokenCallback,
+)
 from surgery_r1_ros.node.buffer import Frame
 
 log = logging.getLogger(__name__)
@@ -32,9 +43,12 @@ class Job:
     frame: Frame
     received: float  # time.perf_counter() when the request arrived
     on_done: Callable[[Job], None] | None = None
-    answer: Any = None  # the engine's reply
+    on_token: TokenCallback | None = None  # streaming (the action's feedback)
+    cancelled: CancelCheck | None = None  # true once the requester wants the job stopped
+    answer: GroundedAnswer | None = None  # the engine's reply
+    progress: Progress | None = None  # what was generated before a cancel
     error: str = ""
-    error_kind: str = ""  # counter key: "engine", "engine_input", "shutdown"
+    error_kind: str = ""  # counter key: "engine", "engine_input", "canceled", "shutdown"
     started: float = 0.0
     inference_ms: float = 0.0
     frame_age_ms: float = 0.0  # age of the frame when the request arrived
@@ -55,26 +69,25 @@ class InferenceWorker:
 
     def __init__(
         self,
-        engine: Any,
+        engine: EngineProtocol,
         max_queue: int,
         *,
         encode_ahead: bool = True,
         newest_frame: Callable[[], Frame | None] = lambda: None,
         frame_interval_s: Callable[[], float | None] = lambda: None,
         max_new_tokens: int | None = None,
-        input_errors: tuple[type[BaseException], ...] = (ValueError,),
     ) -> None:
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
         self.engine = engine
         self.max_queue = max_queue
-        self.can_encode = encode_ahead and callable(getattr(engine, "encode", None))
+        self.can_encode = encode_ahead
         self._newest_frame = newest_frame
         self._frame_interval_s = frame_interval_s
         self.max_new_tokens = max_new_tokens
-        self.input_errors = input_errors
         self.encode_ms: float | None = None  # last measured encode time
         self.encoded_ahead = 0
+        self._handed_over = 0  # seq of the newest frame the engine has been given (encode or ask)
         self._jobs: deque[Job] = deque()
         self._running = 0
         self._cond = threading.Condition()
@@ -97,6 +110,12 @@ class InferenceWorker:
             job.finish()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+
+    @property
+    def full(self) -> bool:
+        """Whether a job submitted now would be refused."""
+        with self._cond:
+            return self._stopping or len(self._jobs) + self._running >= self.max_queue
 
     @property
     def depth(self) -> int:
@@ -149,7 +168,7 @@ class InferenceWorker:
         if not self.can_encode:
             return None
         frame = self._newest_frame()
-        if frame is None or frame.encoded is not None:
+        if frame is None or frame.seq <= self._handed_over:
             return None
         interval = self._frame_interval_s()
         if self.encode_ms is not None and interval is not None and self.encode_ms / 1000.0 > interval:
@@ -157,44 +176,43 @@ class InferenceWorker:
         return frame
 
     def _encode(self, frame: Frame) -> None:
+        self._handed_over = frame.seq
         start = time.perf_counter()
         try:
             self.engine.encode(frame.rgb(), frame.seq)
         except Exception as err:  # a frame the engine refuses is answered (and reported) on request
             log.debug("encode ahead of frame %d failed: %s", frame.seq, err)
-            frame.encoded = False
             return
-        frame.encoded = True
         self.encoded_ahead += 1
         self.encode_ms = (time.perf_counter() - start) * 1000.0
 
     def _answer(self, job: Job) -> None:
         job.started = time.perf_counter()
+        if job.cancelled is not None and job.cancelled():
+            job.error, job.error_kind = "canceled before it started", "canceled"
+            job.progress = Progress("", 0)
+            return
         frame = job.frame
+        self._handed_over = max(self._handed_over, frame.seq)
         try:
-            image = frame.rgb()
-            kwargs: dict[str, Any] = {"image": image, "stamp": frame.seq, "reasoning": job.reasoning}
-            if self.max_new_tokens:
-                kwargs["max_new_tokens"] = self.max_new_tokens
-            t0 = time.perf_counter()
-            job.answer = self.engine.ask(job.question, **kwargs)
-            job.inference_ms = (time.perf_counter() - t0) * 1000.0
-            if self.can_encode and frame.encoded is None:
-                frame.encoded = True  # ask encoded it under its stamp
-                if self.encode_ms is None:
-                    self.encode_ms = _encode_ms(job.answer)
-        except self.input_errors as err:
-            job.inference_ms = (time.perf_counter() - job.started) * 1000.0
+            job.answer = self.engine.ask(
+                job.question,
+                image=frame.rgb(),
+                stamp=frame.seq,
+                reasoning=job.reasoning,
+                max_new_tokens=self.max_new_tokens,
+                on_token=job.on_token,
+                cancelled=job.cancelled,
+            )
+            if job.answer.encode_ms > 0:
+                self.encode_ms = job.answer.encode_ms
+        except Cancelled as stop:
+            job.progress = stop.progress
+            job.error, job.error_kind = str(stop), "canceled"
+        except InputError as err:
             job.error, job.error_kind = f"the engine refused the input: {err}", "engine_input"
         except Exception as err:
-            job.inference_ms = (time.perf_counter() - job.started) * 1000.0
             job.error, job.error_kind = f"engine failure: {type(err).__name__}: {err}", "engine"
             log.error("engine failure on %r:\n%s", job.question, traceback.format_exc())
-
-
-def _encode_ms(answer: Any) -> float | None:
-    """Encode time reported in an answer's timings (preprocess + vision + prefix prefill), if any."""
-    timings = getattr(answer, "timings", None) or {}
-    parts = [timings.get(k) for k in ("preprocess_ms", "vision_encode_ms", "prefix_prefill_ms")]
-    total = sum(p for p in parts if isinstance(p, (int, float)))
-    return total if total > 0 else None
+        finally:
+            job.inference_ms = (time.perf_counter() - job.started) * 1000.0
