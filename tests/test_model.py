@@ -93,9 +93,11 @@ def test_numpy_pixel_values_equal_the_processors(built):
     fast = pixel_values_from_array(image, built.processor)
     assert fast.shape == reference.shape == ((h // 14) * (w // 14), 3 * 2 * 14 * 14)
     np.testing.assert_allclose(fast, reference, atol=1e-5)
-    # another size is resized to the model's: same shape, and close to the processor's (different resampler)
-    big = np.repeat(np.repeat(image, 2, axis=0), 2, axis=1)
-    assert pixel_values_from_array(big, built.processor).shape == reference.shape
+    # frames of other sizes are resized by the same function on both paths: still equal
+    for shape in ((1024, 1280), (64, 48), (300, 900)):
+        frame = _image(*shape, seed=4)
+        processed = built.processor.image_processor(images=[frame], return_tensors="np")["pixel_values"]
+        np.testing.assert_allclose(pixel_values_from_array(frame, built.processor), processed, atol=1e-5)
     with pytest.raises(ValueError, match="RGB uint8"):
         pixel_values_from_array(image[..., 0], built.processor)
 

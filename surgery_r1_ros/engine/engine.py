@@ -37,6 +37,7 @@ from surgery_r1_ros.engine.api import (
 from surgery_r1_ros.engine.backends import Backend, create_backend
 from surgery_r1_ros.engine.decode import generate
 from surgery_r1_ros.grounding import ground
+from surgery_r1_ros.model.processor import PATCH_SIZE, pixel_values_from_array
 from surgery_r1_ros.model.processor import image_size as processor_image_size
 from surgery_r1_ros.model.prompts import prompt_texts
 from surgery_r1_ros.protocol import PromptMode
@@ -183,13 +184,12 @@ class Engine:
             self._frames.move_to_end(stamp)
             return stamp, self._frames[stamp], False
         start = time.perf_counter()
-        features = self.processor.image_processor(images=[image], input_data_format="channels_last",
-                                                  return_tensors="pt")  # fmt: skip
+        pixel_values = pixel_values_from_array(image, self.processor)  # numpy; equal to the processor's
         timings = {"preprocess_ms": (time.perf_counter() - start) * 1000.0}
+        w, h = self.image_size
+        grid = np.array([1, h // PATCH_SIZE, w // PATCH_SIZE])
         with self.backend.session():
-            state, backend_timings = self.backend.encode_frame(
-                features["pixel_values"], features["image_grid_thw"][0], self._prefix_ids
-            )
+            state, backend_timings = self.backend.encode_frame(pixel_values, grid, self._prefix_ids)
         timings.update(backend_timings)
         h, w = image.shape[:2]
         frame = self._frames[stamp] = _Encoded(state, (w, h), timings)
