@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/bench_node.py                     # built-in model and scripted engine
     .venv/bin/python benchmarks/bench_node.py --engines scripted  # executor overhead only (seconds)
 
-For each engine (the built-in model on the torch backend; a scripted engine that answers in a fixed
-~20 ms) and each executor design (``single``: one thread spins the executor, a worker thread runs the
-model; ``multi``: the same node under rclpy's MultiThreadedExecutor):
+For each engine (the built-in model on the onnxruntime backend, the CPU default, and on torch; a scripted
+engine that answers in a fixed ~20 ms) and each executor design (``single``: one thread spins the executor,
+a worker thread runs the model; ``multi``: the same node under rclpy's MultiThreadedExecutor):
 
 1. the node in its own process and a camera process streaming 1280x1024 rgb8 at 30 Hz into it;
 2. the engine alone, in this process, while that runs: ``engine.ask`` on a fresh 1280x1024 frame (what
@@ -44,7 +44,7 @@ WARMUP_QUESTIONS = 3
 PACE_S = 0.3  # pause between questions: they land at random points of the frame stream, as an operator's would
 MAX_NEW_TOKENS = 8  # bounds the built-in model's decoding so the numbers are about the node, not the text length
 QUESTION = "Where is bipolar_forceps located?"
-ENGINES = {"torch": "torch", "scripted": "fake_engines:ScriptedEngine"}
+ENGINES = {"onnxruntime": "onnxruntime", "torch": "torch", "scripted": "fake_engines:ScriptedEngine"}
 EXECUTORS = ("single", "multi")
 OUT = ROOT / "benchmarks" / "results" / "node_latency.json"
 
