@@ -14,7 +14,7 @@ from surgery_r1_ros import metrics
 from surgery_r1_ros.boxes import Box, Size
 from surgery_r1_ros.coherence import subject_claims
 from surgery_r1_ros.protocol import PromptMode, is_complete
-from surgery_r1_ros.vocab import canonical_answer
+from surgery_r1_ros.vocab import ANSWERS, QuestionKind, answer_kind, canonical_answer
 
 NONE_LABEL = "<none>"  # the predicted label of a question with no readable vocabulary answer
 ZERO_BOX: Box = (0.0, 0.0, 0.0, 0.0)
@@ -33,6 +33,7 @@ DEFINITIONS = {
     "reasoning without a box is incoherent, reasoning without a checkable claim is coherent",
     "claims_rate": "reasoning mode only: among answers with reasoning, the share making >=1 checked claim "
     "about the subject next to a box",
+    "accuracy_by_kind": "accuracy over the questions of each kind (organ, state, location), told by the true label",
 }
 
 
@@ -78,6 +79,7 @@ def score_answers(records: Sequence[AnswerRecord], mode: PromptMode) -> dict:
         "n": n,
         "mode": str(mode),
         "accuracy": metrics.accuracy(truth, predicted),
+        "accuracy_by_kind": accuracy_by_kind(truth, predicted),
         "f_score": metrics.f_score(truth, predicted),
         "miou_legacy": metrics.legacy_miou(
             [r.truth_box for r in boxed], [r.box or ZERO_BOX for r in boxed], [r.frame_size for r in boxed]
@@ -94,6 +96,17 @@ def score_answers(records: Sequence[AnswerRecord], mode: PromptMode) -> dict:
         "per_class": [vars(row) for row in metrics.per_class(truth, predicted)],
         "confusion": confusion(truth, predicted),
         "definitions": DEFINITIONS,
+    }
+
+
+def accuracy_by_kind(truth: Sequence[str], predicted: Sequence[str]) -> dict[str, float]:
+    """Accuracy per question kind, the kind told by the true label (labels outside the vocabulary: none)."""
+    pairs: dict[str, list[tuple[str, str]]] = {}
+    for t, p in zip(truth, predicted, strict=True):
+        if t in ANSWERS:
+            pairs.setdefault(str(answer_kind(t)), []).append((t, p))
+    return {
+        str(kind): metrics.accuracy(*zip(*pairs[str(kind)], strict=True)) for kind in QuestionKind if str(kind) in pairs
     }
 
 

@@ -63,11 +63,12 @@ def _bag_report(mode: PromptMode) -> EvalReport:
 def test_eval_and_bag_eval_report_the_same_figures(mode):
     model_card = score(ITEMS, COMPLETIONS, mode, MODEL)
     bag = _bag_report(mode).metrics()
-    figures = ("n", "mode", "accuracy", "f_score", "miou", "miou_legacy", "format_rate", "coherence_rate",
-               "n_with_reasoning", "claims_rate", "per_class", "confusion")  # fmt: skip
+    figures = ("n", "mode", "accuracy", "accuracy_by_kind", "f_score", "miou", "miou_legacy", "format_rate",
+               "coherence_rate", "n_with_reasoning", "claims_rate", "per_class", "confusion")  # fmt: skip
     assert {k: bag[k] for k in figures} == {k: model_card[k] for k in figures}
     # and the figures are the intended ones, not merely equal
     assert model_card["accuracy"] == pytest.approx(6 / 8)  # banana and the empty completion are wrong
+    assert model_card["accuracy_by_kind"] == pytest.approx({"organ": 1 / 2, "state": 2 / 3, "location": 1.0})
     assert model_card["format_rate"] == pytest.approx(3 / 8)  # 0, 1 and 3 have every part
     clipped = (540 - 300) * (200 - 20) / ((560 - 300) * (448 - 20))  # the true box lies inside the clipped one
     assert model_card["miou"] == pytest.approx((1.0 + 0.5 + clipped + 1.0) / 8)

@@ -323,20 +323,13 @@ def test_model_card_tables_come_from_the_pipeline_records(tmp_path):
            "format_rate": 1.0}  # fmt: skip
     trainer = {"per_device_train_batch_size": 8, "learning_rate": 0.002}
     config = {"stage": "sft", "data": {"kinds": ["vqa"]}, "trainer": trainer}
-    predictions = tmp_path / "eval" / "predictions.jsonl"
-    predictions.parent.mkdir()
-    predictions.write_text("\n".join(json.dumps(r) for r in [
-        {"question": "What organ is being operated?", "answer": "kidney", "predicted": "kidney"},
-        {"question": "Where is suction located?", "answer": "left-top", "predicted": "left-top"},
-        {"question": "Where is suction located?", "answer": "left-top", "predicted": "right-top"},
-    ]))  # fmt: skip
     swapped = {**row, "accuracy": 0.2, "miou": 0.1}
     dense = {"cover_acc": 0.9, "cover_majority": 0.6, "pos_mae": 0.05}
     state = {
         "vision": {"seconds": 60.0, "result": {"steps": 30, "config": {"trainer": trainer},
                                                "before": {"cover_acc": 0.1, "pos_mae": 0.3}, "after": dense}},
         "sft_a": {"seconds": 120.0, "result": {"steps": 40, "config": {**config, "freeze_vision": True}}},
-        "eval": {"result": {"sft_grpo/direct": {**row, "report": str(predictions.parent / "report.json")},
+        "eval": {"result": {"sft_grpo/direct": {**row, "accuracy_by_kind": {"organ": 1.0, "location": 0.5}},
                             "sft_grpo/direct/swapped": swapped}},
         "reliance": {"result": {"sft": {"n": 64, "loss_true": 0.8, "loss_shuffled": 1.1, "gap": 0.3}}},
     }  # fmt: skip

@@ -22,6 +22,7 @@ current training stage from its last checkpoint. Knobs live in ``training/config
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import platform
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 REPORTED = (
     "n",
     "accuracy",
+    "accuracy_by_kind",
     "f_score",
     "miou_legacy",
     "miou",
@@ -153,36 +155,39 @@ class Pipeline:
         return {"folder": str(folder), "image_mean": mean, "image_std": std, "parameters": params,
                 "vocab": len(loaded.processor.tokenizer), "dims": dims}  # fmt: skip
 
+    def _stage_folder(self, name: str, spec: dict) -> tuple[Path, bool, TimeBudget]:
+        """A training stage's output folder (cleared unless resuming), whether to resume, and its time budget.
+
+        Pops ``time_budget_minutes`` from ``spec``.
+        """
+        budget = spec.pop("time_budget_minutes", None)
+        folder = self.work / name
+        resume = self.resume and folder.is_dir()
+        if not resume and folder.exists():
+            shutil.rmtree(folder)
+        return folder, resume, TimeBudget(budget * 60 if budget else None)
+
     def pretrain_vision(self, model: str, spec: dict) -> dict:
         from .vision_pretrain import run_vision_pretrain
 
         spec = dict(spec)
-        budget = spec.pop("time_budget_minutes", None)
-        timer = TimeBudget(budget * 60 if budget else None)
-        folder = self.work / "vision"
-        resume = self.resume and folder.is_dir()
-        if not resume and folder.exists():
-            shutil.rmtree(folder)
+        folder, resume, timer = self._stage_folder("vision", spec)
         result = run_vision_pretrain(model, self.train_data, self.test_data, folder, dict(spec.get("trainer") or {}),
                                      resume=resume, callbacks=[timer], seed=int(self.spec.get("seed", 0)))  # fmt: skip
         return {**result, "stopped_by_time": timer.stopped_at, "config": spec}
 
     def train(self, name: str, stage: str, model: str, spec: dict) -> dict:
         spec = dict(spec)
-        budget = spec.pop("time_budget_minutes", None)
+        folder, resume, timer = self._stage_folder(name, spec)
         min_gap = spec.pop("min_reliance_gap", None)
         raw = {
             "stage": stage,
             "model": model,
-            "output_dir": str(self.work / name),
+            "output_dir": str(folder),
             "data": {"mix": str(self.mix), **(spec.pop("data", None) or {})},
             **spec,
         }
         config = from_dict(raw, source=f"builtin_pipeline:{name}")
-        timer = TimeBudget(budget * 60 if budget else None)
-        resume = self.resume and (self.work / name).is_dir()
-        if not resume and (self.work / name).exists():
-            shutil.rmtree(self.work / name)
         if stage == "sft":
             from .sft import run_sft
 
@@ -191,17 +196,18 @@ class Pipeline:
             from .rft import run_rft
 
             final = run_rft(config, resume=resume, callbacks=[timer])
-        trainer_state = _last_state(self.work / name)
+        trainer_state = _last_state(folder)
         result = {"final": str(final), "steps": trainer_state.get("global_step"), "stopped_by_time": timer.stopped_at,
                   "config": config.to_dict()}  # fmt: skip
         if min_gap is not None:
             from .reliance import require_reliance
 
-            result["reliance"] = require_reliance(final, self.test_records(), float(min_gap), stage=name)
+            result["reliance"] = require_reliance(final, self.test_records, float(min_gap), stage=name)
         return result
 
+    @functools.cached_property
     def test_records(self) -> list[dict]:
-        """The held-out split as mix records (for the image-reliance measurements)."""
+        """The held-out split as mix records (for the image-reliance measurements; built once)."""
         from surgery_r1_ros.data.mix import build_mix
         from surgery_r1_ros.data.vqla import load_vqla
 
@@ -236,7 +242,7 @@ class Pipeline:
         """Teacher-forced loss on the test split with true vs shuffled frames (training/reliance.py)."""
         from .reliance import image_reliance
 
-        records = self.test_records()
+        records = self.test_records
         return {label: image_reliance(folder, records) for label, folder in models.items()}
 
     def install(self) -> dict:

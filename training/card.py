@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from surgery_r1_ros import metrics
-from surgery_r1_ros.vocab import QuestionKind, parse_question
+from surgery_r1_ros.vocab import QuestionKind
 
 from .builtin import TRAINING_STAGES
 
@@ -16,6 +14,8 @@ ROWS = (("untrained", "untrained (random init)"), ("sft", "SFT only"), ("sft_grp
 RELIANCE_ROWS = (("untrained", "untrained (random init)"), ("vision", "after stage 0 (LM untrained)"), *ROWS[1:])
 FRAMES = (("own", "own frames"), ("swapped", "frames of another sequence"), ("degraded", "degraded frames"))
 DENSE = ("cover", "tool_cover", "tip", "state", "quadrant")
+KIND_ROWS = [("sft_grpo/direct", "SFT + GRPO, direct"), ("sft_grpo/reason", "SFT + GRPO, reasoning"),
+             ("sft/direct", "SFT only, direct")]  # fmt: skip
 
 
 def _fmt(v: Any) -> str:
@@ -31,24 +31,13 @@ def ablation_table(results: dict[str, dict], mode: str) -> str:
     return "\n".join(lines)
 
 
-def accuracy_by_kind(report: str | Path) -> dict[str, float]:
-    """Accuracy per question type (organ, state, location) from an evaluation's ``predictions.jsonl``."""
-    rows = [json.loads(line) for line in (Path(report).parent / "predictions.jsonl").read_text().splitlines()]
-    out = {}
-    for kind in QuestionKind:
-        chosen = [r for r in rows if parse_question(r["question"])[0] is kind]
-        if chosen:
-            out[str(kind)] = metrics.accuracy([r["answer"] for r in chosen], [r["predicted"] for r in chosen])
-    return out
-
-
 def kind_table(results: dict[str, dict], keys: list[tuple[str, str]]) -> str:
+    """Accuracy per question kind (``accuracy_by_kind`` of each evaluation report)."""
     kinds = [str(k) for k in QuestionKind]
     lines = ["| model | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
     for key, label in keys:
-        r = results.get(key)
-        if r and r.get("report") and Path(r["report"]).parent.joinpath("predictions.jsonl").is_file():
-            acc = accuracy_by_kind(r["report"])
+        acc = (results.get(key) or {}).get("accuracy_by_kind")
+        if acc:
             lines.append(f"| {label} | " + " | ".join(_fmt(acc.get(k)) for k in kinds) + " |")
     return "\n".join(lines)
 
@@ -151,8 +140,7 @@ With reasoning (`<think>` first):
 
 Accuracy by question type:
 
-{kind_table(results, [("sft_grpo/direct", "SFT + GRPO, direct"), ("sft_grpo/reason", "SFT + GRPO, reasoning"),
-                      ("sft/direct", "SFT only, direct")])}
+{kind_table(results, KIND_ROWS)}
 
 Does it read the frame? The final model, direct mode, on its own frames, on frames of another sequence (a
 model that reads the image must get worse) and on degraded frames (JPEG quality 45, 20% darker, sensor

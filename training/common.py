@@ -54,8 +54,8 @@ def report_to() -> list[str]:
     return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
 
 
-def base_trainer_settings(output_dir: str) -> dict[str, Any]:
-    """``TrainingArguments`` every run needs (also the vision pre-training, which has no RunConfig)."""
+def trainer_defaults(output_dir: str) -> dict[str, Any]:
+    """``TrainingArguments`` every run needs; a config's ``trainer`` block overrides them."""
     cuda = _cuda_available()
     return {
         "output_dir": output_dir,
@@ -70,11 +70,6 @@ def base_trainer_settings(output_dir: str) -> dict[str, Any]:
         "seed": 0,
         "use_cpu": not cuda,
     }
-
-
-def trainer_defaults(config: RunConfig) -> dict[str, Any]:
-    """Settings every run needs; anything in the config's ``trainer`` block overrides them."""
-    return base_trainer_settings(config.output_dir)
 
 
 def freeze_vision(model) -> int:

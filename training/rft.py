@@ -46,7 +46,7 @@ def build_rft_trainer(config: RunConfig, checkpoint: str | None = None, callback
     train = rft_dataset(records, model_size)
     funcs, weights = reward_functions(config.rewards)
     settings = {
-        **trainer_defaults(config),
+        **trainer_defaults(config.output_dir),
         "reward_weights": weights,
         "scale_rewards": "group",
         "log_completions": False,

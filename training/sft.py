@@ -45,7 +45,7 @@ def build_sft_trainer(config: RunConfig, checkpoint: str | None = None, callback
     train = sft_dataset(records, model_size)
     collator = SFTCollator(processor, ImageCache(), seed=config.data.seed, augment=config.data.augment)
     settings = {
-        **trainer_defaults(config),
+        **trainer_defaults(config.output_dir),
         "dataset_kwargs": {"skip_prepare_dataset": True},  # the collator tokenizes
         "max_length": None,  # never truncate: a cut target would teach a broken protocol
         "activation_checkpointing": False,  # on by default in TRL: pure overhead for a small model

@@ -32,7 +32,7 @@ from torch import nn
 
 from surgery_r1_ros.boxes import Size
 from surgery_r1_ros.data.synth import DENSE_DIR, ORGAN_LABEL
-from surgery_r1_ros.model.processor import MERGE_SIZE, PATCH_SIZE, pixel_values_from_array
+from surgery_r1_ros.model.processor import MERGE_SIZE, PATCH_SIZE, pixel_values_from_array, resize_frame
 from surgery_r1_ros.vocab import INSTRUMENTS, QUADRANTS, STATES
 
 from .augment import augment
@@ -142,7 +142,7 @@ class DenseDataset(torch.utils.data.Dataset):
         mask = cv2.imread(str(frame.mask), cv2.IMREAD_UNCHANGED)
         w, h = self.size
         if image.shape[:2] != (h, w):
-            image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+            image = resize_frame(image, (w, h))  # the processor's and the runtime's resize
             mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
         if self.train:
             image = augment(image, self.rng)
@@ -256,7 +256,7 @@ def run_vision_pretrain(
 
     from surgery_r1_ros.model import load_model, save_model
 
-    from .common import FINAL_DIR, METRICS_CSV, MetricsCSV, base_trainer_settings, checkpoint_step
+    from .common import FINAL_DIR, METRICS_CSV, MetricsCSV, checkpoint_step, trainer_defaults
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -271,7 +271,7 @@ def run_vision_pretrain(
     test_set = DenseDataset(test_frames, loaded.processor, train=False)
     before = dense_metrics(net, test_set)
     train_set = DenseDataset(dense_frames(train_data), loaded.processor, train=True, seed=seed)
-    args = TrainingArguments(**{**base_trainer_settings(str(output_dir)), **trainer})
+    args = TrainingArguments(**{**trainer_defaults(str(output_dir)), **trainer})
     run = Trainer(
         model=net,
         args=args,
