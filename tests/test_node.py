@@ -9,6 +9,8 @@ stream at 30 Hz. The real model is exercised in test_node_lifecycle.py.
 from __future__ import annotations
 
 import array
+import os
+import signal
 import statistics
 import sys
 import threading
@@ -279,6 +281,21 @@ def test_engine_exception_then_recovery(rig):
     assert "engine failure" in failed.error and "injected fault" in failed.error
     again = rig.ask(stamp_s=500.0)
     assert again.success, again.error
+
+
+def test_engine_process_killed_then_started_again(rig):
+    """The model runs in its own process (engine_process:=true): killed, the next question starts it again."""
+    rig.publish(550.0)
+    assert rig.ask_when_ready(550.0).success
+    engine_pid = int(rig.latest_diagnostics()["engine_pid"])
+    assert engine_pid != rig.process.pid
+    os.kill(engine_pid, signal.SIGKILL)
+    rig.publish(551.0)
+    again = rig.ask_when_ready(551.0)
+    assert again.success, again.error
+    rig.diagnostics.clear()
+    assert wait_for(lambda: rig.latest_diagnostics()["engine_pid"] not in (str(engine_pid), "None"), 10)
+    assert rig.process.alive()
 
 
 def test_stale_frame_is_refused(rig):

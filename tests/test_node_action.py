@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from ros_helpers import ros_available, ros_session, wait_for
 
+from surgery_r1_ros.ros_fields import ns_to_stamp, seconds_to_ns
+
 pytestmark = [
     pytest.mark.ros,
     pytest.mark.skipif(not ros_available(), reason="rclpy is not installed"),
@@ -40,7 +42,7 @@ class Goal:
         from surgery_r1_interfaces.action import AskQuestion
 
         goal = AskQuestion.Goal(question=question, reasoning=reasoning)
-        goal.stamp.sec, goal.stamp.nanosec = int(stamp_s), round((stamp_s % 1) * 1e9)
+        goal.stamp.sec, goal.stamp.nanosec = ns_to_stamp(seconds_to_ns(stamp_s))
         self.feedback: list = []
         self.handle = None
         self.result = None
@@ -90,7 +92,7 @@ class Rig:
         from sensor_msgs.msg import Image
 
         msg = Image(height=48, width=64, encoding="rgb8", step=64 * 3)
-        msg.header.stamp.sec, msg.header.stamp.nanosec = int(stamp_s), round((stamp_s % 1) * 1e9)
+        msg.header.stamp.sec, msg.header.stamp.nanosec = ns_to_stamp(seconds_to_ns(stamp_s))
         msg.header.frame_id = "camera_left"
         data = array.array("B")
         data.frombytes(np.full((48, 64, 3), COLOUR, np.uint8).tobytes())

@@ -17,6 +17,8 @@ import pytest
 import yaml
 from ros_helpers import REPO_ROOT, ros_available, ros_session, wait_for
 
+from surgery_r1_ros.ros_fields import ns_to_stamp, seconds_to_ns
+
 pytestmark = [
     pytest.mark.ros,
     pytest.mark.skipif(not ros_available(), reason="rclpy is not installed"),
@@ -95,7 +97,7 @@ class Manager:
         from surgery_r1_interfaces.srv import AskQuestion
 
         request = AskQuestion.Request(question=question)
-        request.stamp.sec, request.stamp.nanosec = int(stamp_s), round((stamp_s % 1) * 1e9)
+        request.stamp.sec, request.stamp.nanosec = ns_to_stamp(seconds_to_ns(stamp_s))
         response = self.ros.call(self.ask_client, request, timeout)
         assert response is not None, "no answer"
         return response
@@ -104,7 +106,7 @@ class Manager:
         from sensor_msgs.msg import Image
 
         msg = Image(height=height, width=width, encoding="bgr8", step=width * 3)
-        msg.header.stamp.sec, msg.header.stamp.nanosec = int(stamp_s), round((stamp_s % 1) * 1e9)
+        msg.header.stamp.sec, msg.header.stamp.nanosec = ns_to_stamp(seconds_to_ns(stamp_s))
         msg.header.frame_id = "/camera_right"
         data = array.array("B")
         data.frombytes(np.full((height, width, 3), (80, 90, 180), np.uint8))  # pink tissue in BGR
@@ -117,7 +119,7 @@ class Manager:
         ok, jpeg = cv2.imencode(".jpg", np.full((256, 320, 3), (50, 100, 200), np.uint8))  # BGR
         assert ok
         msg = CompressedImage(format="rgb8; jpeg compressed bgr8")
-        msg.header.stamp.sec, msg.header.stamp.nanosec = int(stamp_s), round((stamp_s % 1) * 1e9)
+        msg.header.stamp.sec, msg.header.stamp.nanosec = ns_to_stamp(seconds_to_ns(stamp_s))
         msg.data = array.array("B", jpeg.tobytes())
         self.compressed_camera.publish(msg)
 

@@ -80,7 +80,14 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, summary
 
     report = evaluate(
-        args.model, args.data, args.split, args.out, args.reasoning, args.batch_size, args.limit, args.max_new_tokens,
+        args.model,
+        args.data,
+        args.split,
+        args.out,
+        args.reasoning,
+        args.batch_size,
+        args.limit,
+        args.max_new_tokens,
         frames=args.frames,
     )
     print(summary(report))

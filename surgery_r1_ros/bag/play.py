@@ -28,6 +28,7 @@ from pathlib import Path
 
 from surgery_r1_ros.bag.reader import BagInfo, BagMessage, BagReader
 from surgery_r1_ros.bag.ros_types import MissingTypeError, message_class
+from surgery_r1_ros.ros_fields import ns_to_seconds, ns_to_stamp, seconds_to_ns
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +282,7 @@ class BagPlayer:
         if not played or self.info.message_count == 0:
             log.warning("%s: nothing to play (%d messages)", self.path, self.info.message_count)
             return self.stats
-        start_ns = self.info.start_ns + int(opts.start_offset_s * 1e9)
+        start_ns = self.info.start_ns + seconds_to_ns(opts.start_offset_s)
         wall0 = time.perf_counter()
         passes = 0
         while not stop.is_set():
@@ -306,14 +307,14 @@ class BagPlayer:
                     if self.clock_pub is not None:
                         self._publish_clock(start_ns)
                         next_clock = origin + clock_period
-                target = origin + (msg.timestamp - start_ns) / 1e9 / rate
+                target = origin + ns_to_seconds(msg.timestamp - start_ns) / rate
                 # sleep in slices so a stop request or a /clock tick is never late by more than a slice
                 while True:
                     now = time.perf_counter()
                     if stop.is_set():
                         return
                     if self.clock_pub is not None and now >= next_clock:
-                        self._publish_clock(start_ns + int((now - origin) * rate * 1e9))
+                        self._publish_clock(start_ns + seconds_to_ns((now - origin) * rate))
                         next_clock += clock_period * max(1, int((now - next_clock) / clock_period) + 1)
                     remaining = target - now
                     if remaining <= 0:
@@ -339,7 +340,7 @@ class BagPlayer:
         from rosgraph_msgs.msg import Clock
 
         clock = Clock()
-        clock.clock.sec, clock.clock.nanosec = divmod(ns, 10**9)
+        clock.clock.sec, clock.clock.nanosec = ns_to_stamp(ns)
         self.clock_pub.publish(clock)
         self.stats.clock_messages += 1
 

@@ -1,7 +1,7 @@
 """``bag synth``: a rosbag2 of a continuous synthetic stereo endoscope sequence, with its ground truth.
 
 The bag holds what the dVRK's stereo endoscope publishes, at exactly 30 Hz (stamp ``i`` is
-``start + round(i * 1e9 / fps)`` ns, so stamps never drift):
+``start + round(i * NS_PER_S / fps)`` ns, so stamps never drift):
 
     /jhu_daVinci/left/image_raw     sensor_msgs/msg/Image       rgb8, frame_id jhu_daVinci_left
     /jhu_daVinci/left/camera_info   sensor_msgs/msg/CameraInfo
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from surgery_r1_ros.ros_fields import ns_to_seconds, ns_to_stamp, stamp_to_ns
+from surgery_r1_ros.ros_fields import NS_PER_S, ns_to_seconds, ns_to_stamp, stamp_to_ns
 from surgery_r1_ros.vocab import parse_question
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def sidecar_path(bag: Path) -> Path:
 
 def stamp_ns(start_ns: int, index: int, fps: float) -> int:
     """Exact stamp of frame ``index`` (no accumulated rounding drift)."""
-    return start_ns + round(index * 1e9 / fps)
+    return start_ns + round(index * NS_PER_S / fps)
 
 
 def camera_matrices(size: tuple[int, int], right: bool) -> dict:

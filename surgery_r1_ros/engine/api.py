@@ -225,6 +225,14 @@ def open_engine(model: Any = None, backend: str = "torch", device: str | None = 
     return cls(model, device=device, **options)
 
 
+def describe_engine(engine: Any, backend: str, device: str | None) -> tuple[str, str]:
+    """(backend, device) to report for an engine ``open_engine`` made: the built-in engine's resolved ones
+    ("auto" made concrete), a user class's name and the device it was given."""
+    if ":" in backend:
+        return backend, device or "auto"
+    return engine.backend.name, engine.device
+
+
 __all__ = [
     "MAX_QUESTION_LENGTH",
     "CancelCheck",
@@ -237,5 +245,6 @@ __all__ = [
     "TokenCallback",
     "check_question",
     "check_rgb",
+    "describe_engine",
     "open_engine",
 ]

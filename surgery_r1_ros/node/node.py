@@ -5,12 +5,16 @@
   reasoning streamed as feedback, cancellable), ~/answers (GroundedAnswer), ~/annotated_image.
 - activate: subscribe the camera (image_topic, raw or compressed, QoS image_qos) into a small stamped
   buffer; answer questions.
-- /diagnostics: model, backend, input frame rate, frame age, latency p50/p95/last, error counts.
+- /diagnostics: model, backend, engine process id, input frame rate, frame age, latency p50/p95/last, error
+  counts.
 
 Threading (measured in benchmarks/bench_node.py): by default one thread spins the executor (image intake,
 service requests, goals, timers) and never runs the model; an inference worker thread owns the engine and
 a bounded queue of questions, shared by the service and the action. Their callbacks are coroutines that
 wait for their job without blocking the executor, so frames keep flowing while a question is answered.
+The model itself runs in its own process (``engine_process``, default true; ``engine.process``), so the
+intake's work on every message never holds up the model's Python between its kernels (the GIL); if that
+process dies, the question in flight fails and the next one starts it again.
 ``executor:=multi`` runs the same node under a MultiThreadedExecutor for comparison.
 
 Goals: a goal is rejected (reason in the log and the diagnostics counters) when the node is not active or
@@ -23,6 +27,7 @@ changes nothing: the answer is computed, published on ~/answers and dropped afte
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -53,6 +58,7 @@ from surgery_r1_interfaces.action import AskQuestion as AskAction
 from surgery_r1_interfaces.msg import GroundedAnswer
 from surgery_r1_interfaces.srv import AskQuestion
 from surgery_r1_ros.engine.api import InputError, Progress, check_question
+from surgery_r1_ros.engine.process import ProcessEngine
 from surgery_r1_ros.node.annotate import draw_answer
 from surgery_r1_ros.node.buffer import Frame, FrameBuffer, FrameSelectionError
 from surgery_r1_ros.node.diagnostics import NodeStats
@@ -145,7 +151,11 @@ class SurgeryR1Node(LifecycleNode):
         start = time.perf_counter()
         try:
             self.loaded = load_engine(
-                model_path, backend, device, max_question_length=int(self.param("max_question_length"))
+                model_path,
+                backend,
+                device,
+                max_question_length=int(self.param("max_question_length")),
+                own_process=bool(self.param("engine_process")),
             )
         except EngineLoadError as err:
             log.error(f"configure failed: {err}")
@@ -507,6 +517,9 @@ class SurgeryR1Node(LifecycleNode):
         )
         values = dict(status.values)
         values["image_topic"] = self._subscribed_topic
+        if loaded is not None:  # the model's process: this one, or the engine process (restarted if it died)
+            engine_pid = loaded.engine.pid if isinstance(loaded.engine, ProcessEngine) else os.getpid()
+            values["engine_pid"] = str(engine_pid)
         if self.worker is not None:
             values["encoded_ahead"] = str(self.worker.encoded_ahead)
             values["encode_ms"] = "nan" if self.worker.encode_ms is None else f"{self.worker.encode_ms:.1f}"

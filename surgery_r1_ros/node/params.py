@@ -36,6 +36,12 @@ PARAMETERS: tuple[Param, ...] = (
         "or package.module:ClassName for a user engine class",
     ),
     Param("device", "auto", "Where the model runs: auto, cpu, cuda, cuda:N"),
+    Param(
+        "engine_process",
+        True,
+        "Run the model in its own process, so camera intake never holds it up (Python's GIL); false: in the "
+        "node's process",
+    ),
     Param("max_new_tokens", 0, "Cap on generated tokens per answer; 0: the model folder's default"),
     Param("warmup", True, "Run one dummy question at configure so the first real answer is not slow"),
     # camera input (read in on_activate)

@@ -1,0 +1,114 @@
+"""The engine in its own process (``engine.process.ProcessEngine``) behaves as the engine in the caller's process:
+same answers from the same pixels, streaming, cancel, the same error types, and it survives its child dying."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from fake_engines import ScriptedEngine
+
+from surgery_r1_ros.engine.api import Cancelled, EngineError, InputError
+from surgery_r1_ros.engine.process import ProcessEngine
+
+SCRIPTED = "fake_engines:ScriptedEngine"
+
+
+@pytest.fixture(scope="module")
+def remote():
+    os.environ["FAKE_ENGINE_TOKEN_S"] = "0.02"  # the child is spawned with this environment
+    try:
+        engine = ProcessEngine(None, SCRIPTED, "cpu")
+    finally:
+        del os.environ["FAKE_ENGINE_TOKEN_S"]
+    yield engine
+    engine.close()
+
+
+def frame(seed: int, height: int = 96, width: int = 128) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def test_same_answer_from_the_same_pixels(remote):
+    local = ScriptedEngine()
+    bgr = frame(1)
+    image = bgr[:, ::-1, ::-1]  # a strided view: what arrives must be these pixels, in this order
+    got = remote.ask("Where is suction?", image=image, stamp=7, reasoning=True)
+    want = local.ask("Where is suction?", image=image, stamp=7, reasoning=True)
+    assert (got.answer, got.box, got.reasoning) == (want.answer, want.box, want.reasoning)
+    assert remote.backend_name == SCRIPTED and remote.device == "cpu"
+    assert remote.encode(frame(2), stamp=("left", 3)) == ("left", 3)
+
+
+def test_streams_every_token_then_cancels_on_request(remote):
+    seen = []
+    answer = remote.ask("Where?", image=frame(3), stamp=1, reasoning=True, on_token=seen.append)
+    assert [p.new_tokens for p in seen] == list(range(1, len(answer.reasoning.split(" ")) + 1))
+    assert seen[-1].reasoning == answer.reasoning
+
+    seen.clear()
+    with pytest.raises(Cancelled) as stopped:
+        remote.ask("Where?", image=frame(3), stamp=2, reasoning=True, on_token=seen.append,
+                   cancelled=lambda: len(seen) >= 3)  # fmt: skip
+    assert 3 <= stopped.value.progress.new_tokens <= 4  # the child stops at its next decode step
+    assert remote.ask("Where?", image=frame(3), stamp=3).answer == "left-top"  # the pipe is in step
+
+
+def test_errors_come_back_as_their_types(remote):
+    with pytest.raises(InputError, match="no image"):
+        remote.ask("Where?")
+    with pytest.raises(InputError, match="grayscale"):
+        remote.ask("Where?", image=np.zeros((64, 64), np.uint8))
+    with pytest.raises(EngineError, match="RuntimeError: injected fault"):
+        remote.ask("Please explode", image=frame(4))
+
+    def broken_callback(_progress):
+        raise ValueError("the caller's callback failed")
+
+    with pytest.raises(ValueError, match="callback failed"):
+        remote.ask("Where?", image=frame(4), reasoning=True, on_token=broken_callback)
+    assert remote.ask("Where?", image=frame(4), stamp=9).answer == "left-top"
+
+
+def test_a_dead_child_fails_the_call_and_is_started_again(remote):
+    before = remote.pid
+    os.kill(before, signal.SIGKILL)
+    time.sleep(0.2)
+    assert remote.ask("Where?", image=frame(5)).answer == "left-top"  # idle death: restarted before the call
+    mid_call = remote.pid
+    assert mid_call not in (None, before)
+
+    errors = []
+
+    def kill_at_second_token(progress):
+        if progress.new_tokens == 2:
+            os.kill(mid_call, signal.SIGKILL)
+
+    def long_ask():
+        try:
+            remote.ask("Where?", image=frame(6), reasoning=True, on_token=kill_at_second_token)
+        except EngineError as err:
+            errors.append(str(err))
+
+    worker = threading.Thread(target=long_ask)
+    worker.start()
+    worker.join(30)
+    assert errors and "exited" in errors[0]
+    assert remote.ask("Where?", image=frame(6)).answer == "left-top"
+    assert remote.pid not in (None, mid_call)
+
+
+def test_start_failure_and_close():
+    with pytest.raises(EngineError, match="RuntimeError: this engine cannot start"):
+        ProcessEngine(None, "fake_engines:BrokenEngine", "cpu")
+    engine = ProcessEngine(None, SCRIPTED, "cpu")
+    pid = engine.pid
+    engine.close()
+    engine.close()
+    assert engine.pid is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
