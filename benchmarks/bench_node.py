@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/bench_node.py --engines scripted  # executor overhead only (seconds)
 
 For each engine (the built-in model on the onnxruntime backend, the CPU default, and on torch; a scripted
-engine that answers in a fixed ~20 ms) and each executor design (``single``: one thread spins the executor,
-a worker thread runs the model; ``multi``: the same node under rclpy's MultiThreadedExecutor):
+engine that answers in a fixed ~20 ms), each executor design (``single``: one thread spins the executor,
+a worker thread runs the model; ``multi``: the same node under rclpy's MultiThreadedExecutor) and each
+place of the model (``engine_process`` on: its own process, the default; off: the node's process):
 
 1. the node in its own process and a camera process streaming 1280x1024 rgb8 at 30 Hz into it;
 2. the engine alone, in this process, while that runs: ``engine.ask`` on a fresh 1280x1024 frame (what
@@ -21,6 +22,7 @@ Writes benchmarks/results/node_latency.json. DDS stays on this machine.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -91,7 +93,14 @@ def direct_engine(engine, questions: int) -> dict:
 
 
 def through_node(
-    backend: str, engine, executor: str, questions: int, env: dict, log_dir: Path, encode_ahead: bool = True
+    backend: str,
+    engine,
+    executor: str,
+    questions: int,
+    env: dict,
+    log_dir: Path,
+    encode_ahead: bool = True,
+    engine_process: bool = True,
 ) -> dict:
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
@@ -108,6 +117,7 @@ def through_node(
         "max_new_tokens": MAX_NEW_TOKENS,
         "diagnostics_period_s": 0.5,
         "encode_ahead": encode_ahead,
+        "engine_process": engine_process,
     }
     cmd = [sys.executable, "-m", "surgery_r1_ros.node.node", "--ros-args"]
     for k, v in params.items():
@@ -170,6 +180,7 @@ def through_node(
             "direct_engine": direct,
             "round_trip": summary(round_trip),
             "service_minus_direct_p50_ms": round(pct(round_trip, 50) - direct["p50_ms"], 2),
+            "service_over_direct_p50": round(pct(round_trip, 50) / direct["p50_ms"], 3),
             "engine_in_node": summary(inference),
             "node_adds": summary(added),
             "frame_age_at_request_ms_p50": round(pct(ages, 50), 1),
@@ -218,6 +229,8 @@ def main() -> int:
     parser.add_argument("--questions", type=int, default=QUESTIONS)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--encode-ahead", choices=("on", "off"), default="on", help="the node's encode_ahead")
+    parser.add_argument("--engine-process", nargs="+", choices=("on", "off"), default=["on", "off"],
+                        help="the node's engine_process")  # fmt: skip
     args = parser.parse_args()
 
     results = {
@@ -241,11 +254,12 @@ def main() -> int:
             for name in args.engines:
                 backend = ENGINES[name]
                 engine = make_engine(backend)
-                for executor in args.executors:
-                    print(f"[{name}] executor {executor}: engine alone, then through the node ...", flush=True)
-                    ahead = args.encode_ahead == "on"
-                    run = through_node(backend, engine, executor, args.questions, env, log_dir, ahead)
-                    results["runs"].append({"engine": name, "executor": executor, **run})
+                for executor, place in itertools.product(args.executors, args.engine_process):
+                    print(f"[{name}] executor {executor}, engine_process {place}: engine alone, then through the "
+                          "node ...", flush=True)  # fmt: skip
+                    ahead, own = args.encode_ahead == "on", place == "on"
+                    run = through_node(backend, engine, executor, args.questions, env, log_dir, ahead, own)
+                    results["runs"].append({"engine": name, "executor": executor, "engine_process": place, **run})
                 close = getattr(engine, "close", None)
                 if callable(close):
                     close()
@@ -254,19 +268,21 @@ def main() -> int:
 
     print(f"\n{WIDTH}x{HEIGHT} at {RATE:g} Hz, {args.questions} questions each; {results['setup']['machine']}")
     print(
-        f"{'engine':9} {'executor':8} {'direct p50/p95':>18} {'service p50/p95':>18} {'adds p50':>9}"
+        f"{'engine':9} {'executor':8} {'process':7} {'direct p50/p95':>18} {'service p50/p95':>18} {'ratio':>5}"
+        f" {'adds p50':>9}"
         f" {'outside engine p50/p95':>23} {'frames in':>10}"
     )
     for r in results["runs"]:
         d, s, a = r["direct_engine"], r["round_trip"], r["node_adds"]
         print(
-            f"{r['engine']:9} {r['executor']:8} {d['p50_ms']:7.1f} /{d['p95_ms']:7.1f} ms"
-            f" {s['p50_ms']:7.1f} /{s['p95_ms']:7.1f} ms {r['service_minus_direct_p50_ms']:6.1f} ms"
+            f"{r['engine']:9} {r['executor']:8} {r['engine_process']:7} {d['p50_ms']:7.1f} /{d['p95_ms']:7.1f} ms"
+            f" {s['p50_ms']:7.1f} /{s['p95_ms']:7.1f} ms {r['service_over_direct_p50']:5.2f}"
+            f" {r['service_minus_direct_p50_ms']:6.1f} ms"
             f" {a['p50_ms']:10.1f} /{a['p95_ms']:7.1f} ms {r['frames_received_by_node']:5d}/{r['frames_sent']:<5d}"
         )
     print(
-        "adds = service p50 - direct p50 (same background load); outside engine = round trip - the engine time the "
-        "node measured, per call"
+        "ratio = service p50 / direct p50 and adds = service p50 - direct p50 (same background load); outside "
+        "engine = round trip - the engine time the node measured, per call"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
