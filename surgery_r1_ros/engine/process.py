@@ -129,9 +129,12 @@ class ProcessEngine:
                 log.warning("engine process is not running: starting it again")
                 self._start()
             self._cancel.clear()
-            self._conn.send((*request, None if image is None else image.shape))
-            if image is not None:
-                self._conn.send_bytes(memoryview(image).cast("B"))
+            try:
+                self._conn.send((*request, None if image is None else image.shape))
+                if image is not None:
+                    self._conn.send_bytes(memoryview(image).cast("B"))
+            except OSError:  # it died after the check above
+                raise EngineError(self._died()[1]) from None
             failure: BaseException | None = None
             while True:  # read to the call's last message even after a callback failed: the pipe stays in step
                 kind, payload = self._receive(None, cancelled)
