@@ -3,8 +3,10 @@ same answers from the same pixels, streaming, cancel, the same error types, and 
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
+import tempfile
 import threading
 import time
 
@@ -35,11 +37,10 @@ def frame(seed: int, height: int = 96, width: int = 128) -> np.ndarray:
 
 def test_same_answer_from_the_same_pixels(remote):
     local = ScriptedEngine()
-    bgr = frame(1)
-    image = bgr[:, ::-1, ::-1]  # a strided view: what arrives must be these pixels, in this order
-    got = remote.ask("Where is suction?", image=image, stamp=7, reasoning=True)
-    want = local.ask("Where is suction?", image=image, stamp=7, reasoning=True)
-    assert (got.answer, got.box, got.reasoning) == (want.answer, want.box, want.reasoning)
+    for stamp, image in enumerate([frame(1, 400, 600), frame(1)[:, ::-1, ::-1], frame(9, 28, 4096)]):  # strided too
+        got = remote.ask("Where is suction?", image=image, stamp=stamp, reasoning=True)
+        want = local.ask("Where is suction?", image=image, stamp=stamp, reasoning=True)
+        assert (got.answer, got.box, got.reasoning) == (want.answer, want.box, want.reasoning)
     assert remote.backend_name == SCRIPTED and remote.device == "cpu"
     assert remote.encode(frame(2), stamp=("left", 3)) == ("left", 3)
 
@@ -107,6 +108,7 @@ def test_start_failure_and_close():
         ProcessEngine(None, "fake_engines:BrokenEngine", "cpu")
     engine = ProcessEngine(None, SCRIPTED, "cpu")
     pid = engine.pid
+    assert not glob.glob(f"{tempfile.gettempdir()}/surgery_r1_frames_*") + glob.glob("/dev/shm/surgery_r1_frames_*")
     engine.close()
     engine.close()
     assert engine.pid is None
