@@ -8,11 +8,11 @@ import os
 import signal
 import tempfile
 import threading
-import time
 
 import numpy as np
 import pytest
 from fake_engines import ScriptedEngine
+from ros_helpers import exited, wait_for
 
 from surgery_r1_ros.engine.api import Cancelled, EngineError, InputError
 from surgery_r1_ros.engine.process import ProcessEngine
@@ -78,7 +78,7 @@ def test_errors_come_back_as_their_types(remote):
 def test_a_dead_child_fails_the_call_and_is_started_again(remote):
     before = remote.pid
     os.kill(before, signal.SIGKILL)
-    time.sleep(0.2)
+    assert wait_for(lambda: exited(before), 5)
     assert remote.ask("Where?", image=frame(5)).answer == "left-top"  # idle death: restarted before the call
     mid_call = remote.pid
     assert mid_call not in (None, before)
