@@ -172,6 +172,23 @@ def test_sft_runs_and_writes_safetensors_metrics_and_plot(micro, tmp_path):
     load_model(final)  # the result is a loadable model folder
 
 
+def test_frozen_tower_with_a_trained_merger(micro, tmp_path):
+    from safetensors.torch import load_file
+    from surgery_r1_ros.training.sft import run_sft
+
+    raw = sft_config(micro, tmp_path / "sft", learning_rate=1e-2)
+    with pytest.raises(ValueError, match="train_merger applies with freeze_vision"):
+        from_dict({**raw, "train_merger": True})
+    final = run_sft(from_dict({**raw, "freeze_vision": True, "train_merger": True}))
+    before, after = load_file(micro["model"] / "model.safetensors"), load_file(final / "model.safetensors")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    merger = {name for name in before if name.startswith("visual.merger.")}
+    tower = {name for name in before if name.startswith("visual.")} - merger
+    assert merger <= changed  # the projection into the language model trained ...
+    assert not tower & changed  # ... the rest of the tower did not
+    assert changed - merger  # and the language model trained
+
+
 @pytest.mark.slow
 def test_sft_with_lora_merges_into_a_plain_model(micro, tmp_path):
     from surgery_r1_ros.training.sft import run_sft

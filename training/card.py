@@ -93,6 +93,7 @@ def model_card(state: dict, spec: dict, config_path: Path, machine: str) -> str:
         trainer = cfg.get("stage", "dense (Trainer)")
         kinds = ", ".join(cfg["data"]["kinds"]) if "data" in cfg else "dense ground truth"
         frozen = " (vision frozen)" if cfg.get("freeze_vision") else ""
+        frozen = " (vision frozen but its merger)" if cfg.get("train_merger") else frozen
         stages.append(
             f"| {name} | {trainer}{frozen} | {kinds} | {r['steps']} | "
             f"{t.get('per_device_train_batch_size')} | {t.get('learning_rate')} | {s['seconds'] / 60:.1f} |"

@@ -17,6 +17,7 @@ rewards, and a ``trainer`` block passed verbatim to TRL's ``SFTConfig`` / ``GRPO
     lora: null                       # or {r: 16, alpha: 32, dropout: 0.05, target_modules: <regex>}
     rewards: {format: 0.5, accuracy: 1.0, iou: 1.0, coherence: 0.5}   # rft only, name -> weight
     freeze_vision: false             # true: train the language model only (after vision pre-training)
+    train_merger: false              # with freeze_vision: keep the merger (the tower's projection) trainable
     trainer: {learning_rate: 1e-3, max_steps: 500, ...}
 
 Relative paths are relative to the current directory. ``--config NAME`` also finds the configs shipped
@@ -68,6 +69,7 @@ class RunConfig:
     rewards: dict[str, float] = field(default_factory=dict)
     freeze_vision: bool = False  # train the language model only (after vision pre-training)
     source: str | None = None  # the file it was read from
+    train_merger: bool = False  # with freeze_vision: the merger (the tower's projection) still trains
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +80,7 @@ class RunConfig:
             "lora": vars(self.lora) if self.lora else None,
             "rewards": dict(self.rewards),
             "freeze_vision": self.freeze_vision,
+            "train_merger": self.train_merger,
             "trainer": dict(self.trainer),
         }
 
@@ -111,7 +114,8 @@ def from_dict(raw: dict[str, Any], source: str | None = None, overrides: dict[st
         else:
             raw[head] = value
     where = source or "config"
-    _known(where, raw, {"stage", "model", "output_dir", "data", "trainer", "lora", "rewards", "freeze_vision"})
+    _known(where, raw, {"stage", "model", "output_dir", "data", "trainer", "lora", "rewards", "freeze_vision",
+                        "train_merger"})  # fmt: skip
     stage = raw.get("stage")
     if stage not in STAGES:
         raise ValueError(f"{where}: 'stage' must be one of {', '.join(STAGES)}, got {stage!r}")
@@ -138,8 +142,12 @@ def from_dict(raw: dict[str, Any], source: str | None = None, overrides: dict[st
             raise ValueError(f"{where}: an RFT config must set trainer.{', trainer.'.join(missing)} explicitly")
         if not rewards:
             raise ValueError(f"{where}: an RFT config needs 'rewards' (name -> weight)")
-    freeze = bool(raw.get("freeze_vision", False))
-    return RunConfig(stage, str(raw["model"]), str(raw["output_dir"]), data, trainer, lora, rewards, freeze, source)
+    freeze, merger = bool(raw.get("freeze_vision", False)), bool(raw.get("train_merger", False))
+    if merger and not freeze:
+        raise ValueError(f"{where}: train_merger applies with freeze_vision: true (unfrozen, the merger trains anyway)")
+    return RunConfig(
+        stage, str(raw["model"]), str(raw["output_dir"]), data, trainer, lora, rewards, freeze, source, merger
+    )
 
 
 def load_config(name: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:

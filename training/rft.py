@@ -40,7 +40,7 @@ def build_rft_trainer(config: RunConfig, checkpoint: str | None = None, callback
 
     model, processor = load_start_model(config.model, checkpoint)
     if config.freeze_vision:
-        log.info("GRPO: vision tower frozen (%d parameters)", freeze_vision(model))
+        freeze_vision(model, keep_merger=config.train_merger)
     model_size = image_size(processor)
     records = load_records(config.data)
     train = rft_dataset(records, model_size)

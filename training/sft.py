@@ -39,7 +39,7 @@ def build_sft_trainer(config: RunConfig, checkpoint: str | None = None, callback
 
     model, processor = load_start_model(config.model, checkpoint)
     if config.freeze_vision:
-        log.info("SFT: vision tower frozen (%d parameters)", freeze_vision(model))
+        freeze_vision(model, keep_merger=config.train_merger)
     model_size = image_size(processor)
     records = load_records(config.data)
     train = sft_dataset(records, model_size)
