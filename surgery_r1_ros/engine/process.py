@@ -110,8 +110,9 @@ class ProcessEngine:
 
     @property
     def pid(self) -> int | None:
-        """The child's process id (None when it is not running)."""
-        return self._process.pid if self._alive() else None
+        """The child's process id (None when it is not running); safe to read from any thread."""
+        process = self._process  # the worker thread may drop it meanwhile
+        return process.pid if process is not None and process.is_alive() else None
 
     # -- the parent's side --------------------------------------------------------------------------------
     def _start(self) -> None:
