@@ -39,14 +39,6 @@ TESTS_DIR = Path(__file__).resolve().parent
 wait_for = wait_until
 
 
-def exited(pid: int) -> bool:
-    """The process is gone or a zombie (dead, not yet reaped by its parent)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(") ", 1)[1].startswith("Z")
-    except FileNotFoundError:
-        return True
-
 
 def ros_available() -> bool:
     """Whether rclpy can be imported here (the ROS tests skip cleanly where it cannot)."""
