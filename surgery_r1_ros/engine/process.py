@@ -73,7 +73,8 @@ class ProcessEngine:
         self._conn: Connection | None = None
         self._frames: mmap.mmap | None = None
         self._cancel = self._context.Event()
-        self.backend_name, self.device = backend, device or "auto"
+        self.backend_name: str  # both as the child resolved them ("auto" made concrete), set by _start
+        self.device: str
         with self._lock:
             self._start()
 
@@ -118,9 +119,11 @@ class ProcessEngine:
     def _start(self) -> None:
         fd, path = tempfile.mkstemp(prefix="surgery_r1_frames_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         try:
-            os.ftruncate(fd, FRAME_BYTES)
-            self._frames = mmap.mmap(fd, FRAME_BYTES)
-            os.close(fd)
+            try:
+                os.ftruncate(fd, FRAME_BYTES)
+                self._frames = mmap.mmap(fd, FRAME_BYTES)
+            finally:
+                os.close(fd)  # the mapping keeps the file open
             parent, child = self._context.Pipe()
             self._process = self._context.Process(
                 target=_serve, args=(child, self._cancel, path, *self._spec), name="surgery_r1-engine", daemon=True
