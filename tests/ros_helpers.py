@@ -39,7 +39,6 @@ TESTS_DIR = Path(__file__).resolve().parent
 wait_for = wait_until
 
 
-
 def ros_available() -> bool:
     """Whether rclpy can be imported here (the ROS tests skip cleanly where it cannot)."""
     try:

@@ -84,8 +84,9 @@ def test_processor_resizes_to_one_fixed_size(built, shape):
 
 
 def test_numpy_pixel_values_equal_the_processors(built):
-    """The fast path (training loader, runtime) and the processor give the same patches at the model's size."""
-    from surgery_r1_ros.model.processor import pixel_values_from_array
+    """The fast path (training loader, runtime) and the processor give the same patches at the model's size,
+    also when the runtime's buffers are written again by frames of other sizes."""
+    from surgery_r1_ros.model.processor import PixelValues, pixel_values_from_array
 
     w, h = image_size(built.processor)
     image = _image(h, w, seed=3)
@@ -94,10 +95,12 @@ def test_numpy_pixel_values_equal_the_processors(built):
     assert fast.shape == reference.shape == ((h // 14) * (w // 14), 3 * 2 * 14 * 14)
     np.testing.assert_allclose(fast, reference, atol=1e-5)
     # frames of other sizes are resized by the same function on both paths: still equal
-    for shape in ((1024, 1280), (64, 48), (300, 900)):
-        frame = _image(*shape, seed=4)
+    reused = PixelValues(built.processor, reuse_buffers=True)
+    for seed, shape in enumerate(((1024, 1280), (64, 48), (300, 900), (1024, 1280), (h, w))):
+        frame = _image(*shape, seed=4 + seed)
         processed = built.processor.image_processor(images=[frame], return_tensors="np")["pixel_values"]
         np.testing.assert_allclose(pixel_values_from_array(frame, built.processor), processed, atol=1e-5)
+        np.testing.assert_allclose(reused(frame), processed, atol=1e-5)
     with pytest.raises(ValueError, match="RGB uint8"):
         pixel_values_from_array(image[..., 0], built.processor)
 

@@ -37,7 +37,7 @@ from surgery_r1_ros.engine.api import (
 from surgery_r1_ros.engine.backends import Backend, create_backend
 from surgery_r1_ros.engine.decode import generate
 from surgery_r1_ros.grounding import ground
-from surgery_r1_ros.model.processor import PATCH_SIZE, pixel_values_from_array
+from surgery_r1_ros.model.processor import PATCH_SIZE, PixelValues
 from surgery_r1_ros.model.processor import image_size as processor_image_size
 from surgery_r1_ros.model.prompts import prompt_texts
 from surgery_r1_ros.protocol import PromptMode
@@ -97,6 +97,7 @@ class Engine:
             backend = create_backend(backend, model, device=device, dtype=dtype, **backend_options)
         self.backend: Backend = backend
         self.processor = self.backend.processor
+        self._pixel_values = PixelValues(self.processor, reuse_buffers=True)  # used under the lock only
         self.cache_size = cache_size
         self.max_question_length = max_question_length
         self.max_new_tokens = dict(DEFAULT_MAX_NEW_TOKENS)
@@ -184,7 +185,7 @@ class Engine:
             self._frames.move_to_end(stamp)
             return stamp, self._frames[stamp], False
         start = time.perf_counter()
-        pixel_values = pixel_values_from_array(image, self.processor)  # numpy; equal to the processor's
+        pixel_values = self._pixel_values(image)  # numpy, equal to the processor's; valid until the next frame
         timings = {"preprocess_ms": (time.perf_counter() - start) * 1000.0}
         w, h = self.image_size
         grid = np.array([1, h // PATCH_SIZE, w // PATCH_SIZE])
