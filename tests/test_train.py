@@ -373,7 +373,8 @@ def test_cell_targets_follow_the_dense_mask():
 
     size = (3 * CELL, 2 * CELL)  # 3 x 2 cells
     mask = np.zeros((size[1], size[0]), np.uint8)
-    mask[:CELL, :CELL] = INSTRUMENTS.index("suction") + 1  # top-left cell: the suction tube
+    mask[:CELL, :CELL] = INSTRUMENTS.index("suction") + 1  # top-left cell: the suction tube's tip
+    mask[:CELL, 2 * CELL :] = INSTRUMENTS.index("suction") + 1  # top-right cell: more of it, two cells from the tip
     mask[CELL:, 2 * CELL :] = 9  # bottom-right cell: organ
     record = {
         "size": [size[0] * 2, size[1] * 2],  # the record is in pixels of a frame twice the model's size
@@ -382,11 +383,13 @@ def test_cell_targets_follow_the_dense_mask():
     }  # fmt: skip
     t = cell_targets(mask, record, size)
     suction = INSTRUMENTS.index("suction") + 1
-    assert t["cover"].tolist() == [suction, 0, 0, 0, 0, 0]
+    assert t["cover"].tolist() == [suction, 0, suction, 0, 0, 0]
     assert t["organ"].tolist() == [0, 0, 0, 0, 0, 1]
     assert t["tip"][0] == suction and t["tip"][5] == 0  # the tip (at 14, 14 model px) is near cell 0 only
-    assert t["state"][0] == STATES.index("Suction") and t["state"][5] == IGNORE
-    assert t["quadrant"].tolist() == [QUADRANTS.index("left-top")] + [IGNORE] * 5
+    near_tip = [0, 1, 3, 4]  # within TIP_RADIUS (1.5 cells) of the tip, covered or not; cell 2 is 2 cells away
+    assert t["state"].tolist() == [STATES.index("Suction") if i in near_tip else IGNORE for i in range(6)]
+    assert t["tool_state"].tolist() == [STATES.index("Suction"), IGNORE, STATES.index("Suction")] + [IGNORE] * 3
+    assert t["quadrant"].tolist() == [QUADRANTS.index("left-top"), IGNORE, QUADRANTS.index("left-top")] + [IGNORE] * 3
     np.testing.assert_allclose(t["box"][0], [0, 0, 1 / 3, 1 / 2])
     np.testing.assert_allclose(t["pos"][4], [(1 + 0.5) / 3, (1 + 0.5) / 2])
 
@@ -401,7 +404,7 @@ def test_vision_pretraining_trains_the_tower_and_saves_a_plain_model(micro, tmp_
     trainer = {"max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1,
                "save_steps": 2, "disable_tqdm": True}  # fmt: skip
     result = run_vision_pretrain(micro["model"], micro["data"], micro["data"], tmp_path / "vision", trainer)
-    assert result["steps"] == 3 and set(result["after"]) >= {"cover_acc", "state_acc", "pos_mae"}
+    assert result["steps"] == 3 and set(result["after"]) >= {"cover_acc", "state_acc", "tool_state_acc", "pos_mae"}
     before = load_file(Path(micro["model"]) / "model.safetensors")
     after = load_file(Path(result["final"]) / "model.safetensors")
     assert set(before) == set(after)  # same tensors: no head in the saved model
