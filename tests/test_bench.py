@@ -13,8 +13,8 @@ from surgery_r1_ros.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "Where is suction located?"
-METRICS = ("preprocess_ms", "vision_encode_ms", "prefix_prefill_ms", "question_prefill_ms", "decode_ms_per_token",
-           "ask_direct_ms", "ask_reasoning_ms", "cold_ask_direct_ms")  # fmt: skip
+METRICS = ("preprocess_new_frame_ms", "preprocess_ms", "vision_encode_ms", "prefix_prefill_ms", "question_prefill_ms",
+           "decode_ms_per_token", "ask_direct_ms", "ask_reasoning_ms", "cold_ask_direct_ms")  # fmt: skip
 
 
 @pytest.fixture
@@ -35,6 +35,7 @@ def test_bench_cli_times_every_backend_and_the_naive_baseline(onnx_cache, tmp_pa
         assert entry["available"] is True
         assert set(METRICS) <= set(entry["stats"])
         assert {"p50", "p95", "n"} <= set(entry["stats"]["ask_direct_ms"])
+        assert entry["stats"]["preprocess_new_frame_ms"]["n"] == 100
         assert entry["new_tokens"] == {"direct": [2], "reasoning": [3]}  # fixed output length
         assert set(entry["speedup_vs_naive"]) == {"direct", "reasoning", "direct_including_frame_encode"}
     assert result["backends"]["tensorrt"]["available"] is False
