@@ -13,7 +13,7 @@ COLUMNS = ("accuracy", "f_score", "miou_legacy", "miou", "coherence_rate", "form
 ROWS = (("untrained", "untrained (random init)"), ("sft", "SFT only"), ("sft_grpo", "SFT + GRPO"))
 RELIANCE_ROWS = (("untrained", "untrained (random init)"), ("vision", "after stage 0 (LM untrained)"), *ROWS[1:])
 FRAMES = (("own", "own frames"), ("swapped", "frames of another sequence"), ("degraded", "degraded frames"))
-DENSE = ("cover", "tool_cover", "tip", "state", "quadrant")
+DENSE = ("cover", "tool_cover", "tip", "state", "tool_state", "quadrant")
 KIND_ROWS = [("sft_grpo/direct", "SFT + GRPO, direct"), ("sft_grpo/reason", "SFT + GRPO, reasoning"),
              ("sft/direct", "SFT only, direct")]  # fmt: skip
 
