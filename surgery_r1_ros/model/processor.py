@@ -150,7 +150,7 @@ class PixelValues:
 
     With ``reuse_buffers`` every array of a call is kept and written again by the next call, so the result is
     only valid until then (the engine hands it to the model at once). Measured on the 2-core CPU, a
-    1280x1024 frame: 1.8-2.3 ms p50 with the buffers kept, 2.7-3.0 ms with fresh arrays, whose megabytes
+    1280x1024 frame: 1.7-2.6 ms p50 with the buffers kept, 2.7-3.0 ms with fresh arrays, whose megabytes
     glibc maps from the kernel anew on many calls (page faults; 7.7-8.7 ms with the earlier numpy lookup).
     """
 
