@@ -72,9 +72,9 @@ def trainer_defaults(output_dir: str) -> dict[str, Any]:
     }
 
 
-def freeze_vision(model, keep_merger: bool = False) -> int:
+def freeze_vision(model, keep_merger: bool = False) -> None:
     """Freeze the vision tower (patch embedding, blocks and, unless ``keep_merger``, the merger that projects
-    its tokens into the language model); returns how many parameters were frozen.
+    its tokens into the language model), and log how many parameters were frozen.
 
     After vision pre-training the tower's tokens already say what is where; SFT and GRPO then train the
     language model to read them, and cannot wash the image out of the tokens (what blinded the first model).
@@ -85,7 +85,6 @@ def freeze_vision(model, keep_merger: bool = False) -> int:
         visual.merger.requires_grad_(True)
     frozen = sum(p.numel() for p in visual.parameters() if not p.requires_grad)
     log.info("vision tower frozen (%d parameters)%s", frozen, "; its merger trains" if keep_merger else "")
-    return frozen
 
 
 def _cuda_available() -> bool:
