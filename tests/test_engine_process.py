@@ -45,6 +45,24 @@ def test_same_answer_from_the_same_pixels(remote):
     assert remote.encode(frame(2), stamp=("left", 3)) == ("left", 3)
 
 
+def test_a_frame_already_sent_under_its_stamp_is_not_copied_again(remote):
+    """The node asks about frames it encoded ahead: the pixels cross once, the question names them by stamp."""
+    first, second = frame(11), frame(12)
+
+    def mean_rgb(answer) -> str:  # the scripted engine reasons with the mean colour of the pixels it was given
+        return answer.reasoning.split("mean RGB ")[1]
+
+    remote.encode(first, stamp=("once", 1))
+    same_stamp = remote.ask("Where?", image=second, stamp=("once", 1), reasoning=True)
+    assert mean_rgb(same_stamp) == mean_rgb(ScriptedEngine().ask("Where?", image=first, reasoning=True))
+    for stamp in (("once", 2), None):  # a new stamp, or none, sends the pixels
+        answer = remote.ask("Where?", image=second, stamp=stamp, reasoning=True)
+        assert mean_rgb(answer) == mean_rgb(ScriptedEngine().ask("Where?", image=second, reasoning=True))
+    resized = frame(13, 48, 64)  # same stamp, other shape: not the frame the buffer holds
+    answer = remote.ask("Where?", image=resized, stamp=("once", 2), reasoning=True)
+    assert "size 64x48" in answer.reasoning
+
+
 def test_streams_every_token_then_cancels_on_request(remote):
     seen = []
     answer = remote.ask("Where?", image=frame(3), stamp=1, reasoning=True, on_token=seen.append)

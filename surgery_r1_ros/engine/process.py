@@ -9,7 +9,9 @@ waits for the executor thread, which holds the GIL while rclpy converts each 4 M
 ``ProcessEngine`` implements ``EngineProtocol`` by running ``open_engine(model, backend, device, **options)``
 in a spawned child and forwarding ``encode`` / ``ask`` / ``close`` over a pipe. Frames travel through a
 shared frame buffer (one copy in, a read-only view in the child, valid for that call; through the pipe a
-4 MB frame cost the receiver ~6 ms of CPU). The buffer is a file in /dev/shm whose name is removed as soon
+4 MB frame cost the receiver ~6 ms of CPU). A frame already in that buffer under the same stamp and shape is not
+copied again: the node's question about a frame encoded ahead sends only its stamp and shape (a stamp names
+one frame: the engine contract; ``None`` always copies). The buffer is a file in /dev/shm whose name is removed as soon
 as both processes have mapped it, so nothing is left behind however either process ends. Answers,
 progress and errors cross the pipe as small pickled values of this package's own types.
 Streaming and cancel work as in-process: the child sends every token's ``Progress``; the caller's
@@ -72,6 +74,7 @@ class ProcessEngine:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
         self._frames: mmap.mmap | None = None
+        self._in_frames: tuple | None = None  # (stamp, shape) of the frame the shared buffer holds
         self._cancel = self._context.Event()
         self.backend_name: str  # both as the child resolved them ("auto" made concrete), set by _start
         self.device: str
@@ -80,7 +83,7 @@ class ProcessEngine:
 
     # -- EngineProtocol -------------------------------------------------------------------------------------
     def encode(self, image: np.ndarray, stamp: Hashable | None = None) -> Hashable:
-        return self._call(("encode", stamp), image)
+        return self._call(("encode", stamp), image, stamp=stamp)
 
     def ask(
         self,
@@ -94,7 +97,7 @@ class ProcessEngine:
         cancelled: CancelCheck | None = None,
     ) -> GroundedAnswer:
         request = ("ask", question, stamp, reasoning, max_new_tokens, on_token is not None)
-        return self._call(request, image, on_token, cancelled)
+        return self._call(request, image, on_token, cancelled, stamp)
 
     def close(self, timeout: float = 10.0) -> None:
         """Ask the child to close its engine and exit; terminate it if it does not within ``timeout``."""
@@ -122,6 +125,7 @@ class ProcessEngine:
             try:
                 os.ftruncate(fd, FRAME_BYTES)
                 self._frames = mmap.mmap(fd, FRAME_BYTES)
+                self._in_frames = None
             finally:
                 os.close(fd)  # the mapping keeps the file open
             parent, child = self._context.Pipe()
@@ -141,7 +145,7 @@ class ProcessEngine:
         log.info("engine process %d ready (%s on %s)", self._process.pid, self.backend_name, self.device)
 
     def _call(self, request: tuple, image: np.ndarray | None, on_token: TokenCallback | None = None,
-              cancelled: CancelCheck | None = None) -> Any:  # fmt: skip
+              cancelled: CancelCheck | None = None, stamp: Hashable | None = None) -> Any:  # fmt: skip
         if image is not None:
             image = check_rgb(image)  # the shape travels beside the bytes: it must be a valid frame
         with self._lock:
@@ -150,8 +154,10 @@ class ProcessEngine:
                 self._start()
             self._cancel.clear()
             try:
-                if image is not None:
+                if image is not None and (stamp is None or (stamp, image.shape) != self._in_frames):
+                    self._in_frames = None  # until the copy is complete
                     np.frombuffer(self._frames, np.uint8, image.size).reshape(image.shape)[...] = image
+                    self._in_frames = None if stamp is None else (stamp, image.shape)
                 self._conn.send((*request, None if image is None else image.shape))
             except OSError:  # it died after the check above
                 raise EngineError(f"{self._died()[1]}; the next request starts it again") from None
