@@ -34,6 +34,8 @@ DEFINITIONS = {
     "claims_rate": "reasoning mode only: among answers with reasoning, the share making >=1 checked claim "
     "about the subject next to a box",
     "accuracy_by_kind": "accuracy over the questions of each kind (organ, state, location), told by the true label",
+    "state_by_subject": "state questions per instrument: n, accuracy, prior (the accuracy of always giving that "
+    "instrument's commonest true state in these questions) and answers (how many different labels were given)",
 }
 
 
@@ -80,6 +82,7 @@ def score_answers(records: Sequence[AnswerRecord], mode: PromptMode) -> dict:
         "mode": str(mode),
         "accuracy": metrics.accuracy(truth, predicted),
         "accuracy_by_kind": accuracy_by_kind(truth, predicted),
+        "state_by_subject": state_by_subject(records),
         "f_score": metrics.f_score(truth, predicted),
         "miou_legacy": metrics.legacy_miou(
             [r.truth_box for r in boxed], [r.box or ZERO_BOX for r in boxed], [r.frame_size for r in boxed]
@@ -108,6 +111,26 @@ def accuracy_by_kind(truth: Sequence[str], predicted: Sequence[str]) -> dict[str
     return {
         str(kind): metrics.accuracy(*zip(*pairs[str(kind)], strict=True)) for kind in QuestionKind if str(kind) in pairs
     }
+
+
+def state_by_subject(records: Sequence[AnswerRecord]) -> dict[str, dict]:
+    """State questions per instrument, beside the per-instrument prior: a model that gives one state for every
+    question about an instrument (answers 1) is not reading that instrument's state from the frame."""
+    by_subject: dict[str, list[tuple[str, str]]] = {}
+    for r in records:
+        if r.subject is not None and r.truth in ANSWERS and answer_kind(r.truth) is QuestionKind.STATE:
+            by_subject.setdefault(r.subject, []).append((r.truth, r.label))
+    table = {}
+    for subject, pairs in sorted(by_subject.items()):
+        truth, predicted = zip(*pairs, strict=True)
+        commonest = max(set(truth), key=truth.count)
+        table[subject] = {
+            "n": len(pairs),
+            "accuracy": metrics.accuracy(truth, predicted),
+            "prior": truth.count(commonest) / len(pairs),
+            "answers": len(set(predicted)),
+        }
+    return table
 
 
 def confusion(truth: Sequence[str], predicted: Sequence[str]) -> dict:

@@ -11,6 +11,7 @@ from surgery_r1_ros.bag_eval.report import AskedQuestion, EvalReport
 from surgery_r1_ros.grounding import ground
 from surgery_r1_ros.protocol import PromptMode
 from surgery_r1_ros.ros_fields import box_to_roi, ns_to_stamp
+from surgery_r1_ros.scoring import AnswerRecord, score_answers
 
 MODEL = (280, 224)  # the model's input: the pixel frame of its boxes
 FRAME = (560, 448)  # the camera frame: boxes are scaled x2
@@ -64,7 +65,8 @@ def test_eval_and_bag_eval_report_the_same_figures(mode):
     model_card = score(ITEMS, COMPLETIONS, mode, MODEL)
     bag = _bag_report(mode).metrics()
     figures = ("n", "mode", "accuracy", "accuracy_by_kind", "f_score", "miou", "miou_legacy", "format_rate",
-               "coherence_rate", "n_with_reasoning", "claims_rate", "per_class", "confusion")  # fmt: skip
+               "coherence_rate", "n_with_reasoning", "claims_rate", "per_class", "confusion",
+               "state_by_subject")  # fmt: skip
     assert {k: bag[k] for k in figures} == {k: model_card[k] for k in figures}
     # and the figures are the intended ones, not merely equal
     assert model_card["accuracy"] == pytest.approx(6 / 8)  # banana and the empty completion are wrong
@@ -79,6 +81,21 @@ def test_eval_and_bag_eval_report_the_same_figures(mode):
         assert model_card["claims_rate"] == pytest.approx(3 / 5)
     else:
         assert model_card["coherence_rate"] is None
+
+
+def test_state_by_subject_shows_an_instrument_answered_from_the_prior():
+    def record(subject: str, truth: str, answer: str | None) -> AnswerRecord:
+        return AnswerRecord(truth, None, FRAME, subject, answer)
+
+    truths = ["Tool_Manipulation", "Tool_Manipulation", "Cauterization", "Grasping"]
+    records = [record("bipolar_forceps", t, "Grasping") for t in truths]  # one answer whatever the frame
+    records += [record("stapler", t, a) for t, a in [("Staple", "Staple"), ("Idle", "Idle"), ("Idle", None)]]
+    records += [record("stapler", "left-top", "left-top"), record(None, "kidney", "kidney")]  # not state questions
+    table = score_answers(records, PromptMode.GROUND)["state_by_subject"]
+    assert table == {
+        "bipolar_forceps": {"n": 4, "accuracy": 0.25, "prior": 0.5, "answers": 1},
+        "stapler": {"n": 3, "accuracy": pytest.approx(2 / 3), "prior": pytest.approx(2 / 3), "answers": 3},
+    }
 
 
 def test_ground_clips_scales_and_checks_coherence():

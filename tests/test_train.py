@@ -340,13 +340,16 @@ def test_model_card_tables_come_from_the_pipeline_records(tmp_path):
            "format_rate": 1.0}  # fmt: skip
     trainer = {"per_device_train_batch_size": 8, "learning_rate": 0.002}
     config = {"stage": "sft", "data": {"kinds": ["vqa"]}, "trainer": trainer}
-    swapped = {**row, "accuracy": 0.2, "miou": 0.1}
+    by_subject = {"stapler": {"n": 6, "accuracy": 0.5, "prior": 2 / 3, "answers": 1}}
+    swapped_state = {"stapler": {**by_subject["stapler"], "accuracy": 0.25}}
+    swapped = {**row, "accuracy": 0.2, "miou": 0.1, "state_by_subject": swapped_state}
     dense = {"cover_acc": 0.9, "cover_majority": 0.6, "pos_mae": 0.05}
     state = {
         "vision": {"seconds": 60.0, "result": {"steps": 30, "config": {"trainer": trainer},
                                                "before": {"cover_acc": 0.1, "pos_mae": 0.3}, "after": dense}},
         "sft_a": {"seconds": 120.0, "result": {"steps": 40, "config": {**config, "freeze_vision": True}}},
-        "eval": {"result": {"sft_grpo/direct": {**row, "accuracy_by_kind": {"organ": 1.0, "location": 0.5}},
+        "eval": {"result": {"sft_grpo/direct": {**row, "accuracy_by_kind": {"organ": 1.0, "location": 0.5},
+                                                "state_by_subject": by_subject},
                             "sft_grpo/direct/swapped": swapped}},
         "reliance": {"result": {"sft": {"n": 64, "loss_true": 0.8, "loss_shuffled": 1.1, "gap": 0.3}}},
     }  # fmt: skip
@@ -359,6 +362,7 @@ def test_model_card_tables_come_from_the_pipeline_records(tmp_path):
     assert "| cover accuracy | 0.100 | 0.900 | 0.600 |" in card
     assert "| SFT + GRPO, direct | 1.000 | - | 0.500 |" in card  # organ, state, location
     assert "| frames of another sequence | 0.200 | -0.300 | 0.100 | -0.200 | 10 |" in card
+    assert "| stapler | 6 | 0.500 | 0.250 | 0.667 | 1 |" in card
     assert "11.0 min on test-machine" in card
 
 

@@ -43,6 +43,7 @@ REPORTED = (
     "n",
     "accuracy",
     "accuracy_by_kind",
+    "state_by_subject",
     "f_score",
     "miou_legacy",
     "miou",

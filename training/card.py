@@ -54,6 +54,17 @@ def frames_table(results: dict[str, dict], model: str = "sft_grpo") -> str:
     return "\n".join(lines)
 
 
+def state_table(results: dict[str, dict], model: str = "sft_grpo") -> str:
+    """State questions per instrument (``state_by_subject``), the final model in direct mode, own and swapped frames."""
+    own = (results.get(f"{model}/direct") or {}).get("state_by_subject") or {}
+    swapped = (results.get(f"{model}/direct/swapped") or {}).get("state_by_subject") or {}
+    lines = ["| instrument | n | accuracy | swapped frames | prior | different answers |", "|---|---|---|---|---|---|"]
+    for subject, r in own.items():
+        moved = _fmt((swapped.get(subject) or {}).get("accuracy"))
+        lines.append(f"| {subject} | {r['n']} | {r['accuracy']:.3f} | {moved} | {r['prior']:.3f} | {r['answers']} |")
+    return "\n".join(lines)
+
+
 def dense_table(vision: dict) -> str:
     """Stage 0's held-out per-cell scores before and after, beside always guessing the commonest value."""
     before, after = vision.get("before", {}), vision.get("after", {})
@@ -148,6 +159,12 @@ model that reads the image must get worse) and on degraded frames (JPEG quality 
 noise: `training/augment.degrade`; it should not get much worse):
 
 {frames_table(results)}
+
+State questions per instrument (final model, direct mode): the prior is the accuracy of always giving the
+instrument's commonest true state; an instrument answered with one or two different states whatever the frame
+is answered from the prior, not read from the frame:
+
+{state_table(results)}
 
 The same question asked of each stage: teacher-forced loss on test grounding questions with each question's
 own frame and with frames shuffled between questions (`training/reliance.py`); a gap near 0 means the answers
