@@ -15,7 +15,9 @@ place of the model (``engine_process`` on: its own process, the default; off: th
    p50/p95, the engine time the node measured inside (inference_ms), and frames delivered to the node.
 
 "adds" = service p50 - direct p50, both measured while the camera streams into the node; "outside
-engine" = round trip - the engine time the node measured, per call (DDS, executor, queue hand-off).
+engine" = round trip - the engine time the node measured, per call, split into the part inside the node
+(request received to response filled, less the engine: waiting for an encode ahead, the hand-off to the
+worker and back) and the transport (DDS both ways, the executors picking the messages up).
 Writes benchmarks/results/node_latency.json. DDS stays on this machine.
 """
 
@@ -163,7 +165,7 @@ def through_node(
         direct = direct_engine(engine, questions)
         rate = _diagnostic(diagnostics, "input_frame_rate_hz")
         t0 = time.monotonic()
-        round_trip, inference, added, ages, failures = [], [], [], [], []
+        round_trip, inference, added, in_node, ages, failures = [], [], [], [], [], []
         for _ in range(questions):
             time.sleep(PACE_S * (0.5 + np.random.random()))
             ms, response = call()
@@ -173,9 +175,11 @@ def through_node(
             round_trip.append(ms)
             inference.append(response.inference_ms)
             added.append(ms - response.inference_ms)
+            in_node.append(response.latency_ms - response.inference_ms)
             ages.append(response.frame_age_ms)
         elapsed = time.monotonic() - t0
         rate_after = _diagnostic(diagnostics, "input_frame_rate_hz")
+        encoded_ahead, encode_ms = _diagnostic(diagnostics, "encoded_ahead"), _diagnostic(diagnostics, "encode_ms")
         stop_process(camera)  # then count every frame it sent against every frame the node took in
         time.sleep(1.0)
         sent, received = _camera_sent(camera_log), int(_diagnostic(diagnostics, "frames_received"))
@@ -186,11 +190,15 @@ def through_node(
             "service_over_direct_p50": round(pct(round_trip, 50) / direct["p50_ms"], 3),
             "engine_in_node": summary(inference),
             "node_adds": summary(added),
+            "node_adds_in_node": summary(in_node),
+            "node_adds_transport": summary([a - n for a, n in zip(added, in_node, strict=True)]),
             "frame_age_at_request_ms_p50": round(pct(ages, 50), 1),
             "questions_s": round(elapsed, 1),
             "frames_sent": sent,
             "frames_received_by_node": received,
             "input_rate_hz_before_after": [rate, rate_after],
+            "frames_encoded_ahead": -1 if np.isnan(encoded_ahead) else int(encoded_ahead),  # -1: not reported
+            "encode_ms_last": encode_ms,
             "failures": failures[:5],
         }
     finally:
@@ -273,7 +281,8 @@ def main() -> int:
     print(
         f"{'engine':9} {'executor':8} {'process':7} {'direct p50/p95':>18} {'service p50/p95':>18} {'ratio':>5}"
         f" {'adds p50':>9}"
-        f" {'outside engine p50/p95':>23} {'frames in':>10}"
+        f" {'outside engine p50/p95':>23} {'in node / transport p50':>24} {'frames in':>10}"
+        f" {'encoded ahead':>13}"
     )
     for r in results["runs"]:
         d, s, a = r["direct_engine"], r["round_trip"], r["node_adds"]
@@ -281,7 +290,9 @@ def main() -> int:
             f"{r['engine']:9} {r['executor']:8} {r['engine_process']:7} {d['p50_ms']:7.1f} /{d['p95_ms']:7.1f} ms"
             f" {s['p50_ms']:7.1f} /{s['p95_ms']:7.1f} ms {r['service_over_direct_p50']:5.2f}"
             f" {r['service_minus_direct_p50_ms']:6.1f} ms"
-            f" {a['p50_ms']:10.1f} /{a['p95_ms']:7.1f} ms {r['frames_received_by_node']:5d}/{r['frames_sent']:<5d}"
+            f" {a['p50_ms']:10.1f} /{a['p95_ms']:7.1f} ms"
+            f" {r['node_adds_in_node']['p50_ms']:13.1f} /{r['node_adds_transport']['p50_ms']:6.1f} ms"
+            f" {r['frames_received_by_node']:5d}/{r['frames_sent']:<5d} {r['frames_encoded_ahead']:13d}"
         )
     print(
         "ratio = service p50 / direct p50 and adds = service p50 - direct p50 (same background load); outside "

@@ -160,9 +160,10 @@ noise: `training/augment.degrade`; it should not get much worse):
 
 {frames_table(results)}
 
-State questions per instrument (final model, direct mode): the prior is the accuracy of always giving the
-instrument's commonest true state; an instrument answered with one or two different states whatever the frame
-is answered from the prior, not read from the frame:
+State questions per instrument (final model, direct mode, its own frames and frames of another sequence).
+The prior is the accuracy of always giving the instrument's commonest true state. An instrument whose
+accuracy does not fall with another sequence's frames, or that gets one answer whatever the frame, has its
+state guessed, not read from the frame:
 
 {state_table(results)}
 
