@@ -91,6 +91,12 @@ def test_parity_gives_identical_varied_answers_on_a_sharpened_model(tmp_path, mo
         caplog.clear()
         assert onnx_export_for(folder) == exported
         assert "exporting" not in caplog.text and f"using the cached ONNX export of {folder}" in caplog.text
+    (folder / "README.md").write_text("# my fine-tuned model\n")  # a new model card: the same export
+    (folder / "sft_metrics.csv").write_text("step,loss\n")
+    assert onnx_cache_dir(folder) == exported
+    config = folder / "config.json"
+    config.write_text(config.read_text() + "\n")  # the model itself changed: a new export
+    assert onnx_cache_dir(folder) != exported
     result = check_parity(exported, folder, images=2, questions=(QUESTION,), modes=(PromptMode.GROUND,),
                           max_new_tokens=8)  # fmt: skip
     print(

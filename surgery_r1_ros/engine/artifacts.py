@@ -106,11 +106,15 @@ def _torch_version() -> str:
         return "none"
 
 
+NOT_EXPORTED = (".md", ".csv", ".png")  # a model card, learning curves, plots: editing them keeps the export
+
+
 def folder_fingerprint(folder: str | Path) -> str:
-    """A cheap identity of a model folder: file names, sizes and modification times (no hashing of weights)."""
+    """A cheap identity of a model folder: names, sizes and modification times of the files an export reads
+    (no hashing of weights; documentation and training records left out)."""
     folder = Path(folder).expanduser().resolve()
     digest = hashlib.sha256(f"{FORMAT}/{FORMAT_VERSION}/{_torch_version()}/{folder}".encode())
-    for file in sorted(p for p in folder.iterdir() if p.is_file()):
+    for file in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() not in NOT_EXPORTED):
         stat = file.stat()
         digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
