@@ -123,11 +123,10 @@ def state_by_subject(records: Sequence[AnswerRecord]) -> dict[str, dict]:
     table = {}
     for subject, pairs in sorted(by_subject.items()):
         truth, predicted = zip(*pairs, strict=True)
-        commonest = max(set(truth), key=truth.count)
         table[subject] = {
             "n": len(pairs),
             "accuracy": metrics.accuracy(truth, predicted),
-            "prior": truth.count(commonest) / len(pairs),
+            "prior": max(truth.count(label) for label in set(truth)) / len(pairs),
             "answers": len(set(predicted)),
         }
     return table

@@ -9,11 +9,11 @@ waits for the executor thread, which holds the GIL while rclpy converts each 4 M
 ``ProcessEngine`` implements ``EngineProtocol`` by running ``open_engine(model, backend, device, **options)``
 in a spawned child and forwarding ``encode`` / ``ask`` / ``close`` over a pipe. Frames travel through a
 shared frame buffer (one copy in, a read-only view in the child, valid for that call; through the pipe a
-4 MB frame cost the receiver ~6 ms of CPU). A frame already in that buffer under the same stamp and shape is not
-copied again: the node's question about a frame encoded ahead sends only its stamp and shape (a stamp names
-one frame: the engine contract; ``None`` always copies). The buffer is a file in /dev/shm whose name is removed as soon
-as both processes have mapped it, so nothing is left behind however either process ends. Answers,
-progress and errors cross the pipe as small pickled values of this package's own types.
+4 MB frame cost the receiver ~6 ms of CPU). A frame already in that buffer under the same stamp and shape is
+not copied again: the node's question about a frame encoded ahead sends only its stamp and shape (a stamp
+names one frame: the engine contract; ``None`` always copies). The buffer is a file in /dev/shm whose name is
+removed as soon as both processes have mapped it, so nothing is left behind however either process ends.
+Answers, progress and errors cross the pipe as small pickled values of this package's own types.
 Streaming and cancel work as in-process: the child sends every token's ``Progress``; the caller's
 ``cancelled()`` is checked on every token and while waiting, and sets an event the child's decode loop
 checks before its next step. Errors come back as the same types (``InputError``, ``Cancelled``); anything
