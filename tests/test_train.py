@@ -343,7 +343,8 @@ def test_model_card_tables_come_from_the_pipeline_records(tmp_path):
     by_subject = {"stapler": {"n": 6, "accuracy": 0.5, "prior": 2 / 3, "answers": 1}}
     swapped_state = {"stapler": {**by_subject["stapler"], "accuracy": 0.25}}
     swapped = {**row, "accuracy": 0.2, "miou": 0.1, "state_by_subject": swapped_state}
-    dense = {"cover_acc": 0.9, "cover_majority": 0.6, "pos_mae": 0.05}
+    dense = {"cover_acc": 0.9, "cover_majority": 0.6, "read_quadrant_acc": 0.8, "read_quadrant_majority": 0.3,
+             "pos_mae": 0.05}  # fmt: skip
     state = {
         "vision": {"seconds": 60.0, "result": {"steps": 30, "config": {"trainer": trainer},
                                                "before": {"cover_acc": 0.1, "pos_mae": 0.3}, "after": dense}},
@@ -360,6 +361,7 @@ def test_model_card_tables_come_from_the_pipeline_records(tmp_path):
     assert "| sft_a | sft (vision frozen) | vqa | 40 | 8 | 0.002 | 2.0 |" in card
     assert "| vision | dense (Trainer) | dense ground truth | 30 | 8 | 0.002 | 1.0 |" in card
     assert "| cover accuracy | 0.100 | 0.900 | 0.600 |" in card
+    assert "| quadrant per instrument, read off its cells | - | 0.800 | 0.300 |" in card
     assert "| SFT + GRPO, direct | 1.000 | - | 0.500 |" in card  # organ, state, location
     assert "| frames of another sequence | 0.200 | -0.300 | 0.100 | -0.200 | 10 |" in card
     assert "| stapler | 6 | 0.500 | 0.250 | 0.667 | 1 |" in card
@@ -398,6 +400,22 @@ def test_cell_targets_follow_the_dense_mask():
     np.testing.assert_allclose(t["pos"][4], [(1 + 0.5) / 3, (1 + 0.5) / 2])
 
 
+def test_instruments_are_read_off_the_cells_the_head_gives_them():
+    """Majority vote over the cells predicted as each instrument; an instrument given no cell is a miss."""
+    import numpy as np
+    from surgery_r1_ros.training.vision_pretrain import IGNORE, read_instruments
+
+    # two frames of 4 cells; frame 1: tool 1 (quadrant 2, state 5) on cells 0-1, tool 2 (quadrant 0, state 3) on 3
+    truth = {"cover": np.array([1, 1, 0, 2, 0, 0, 0, 0]), "quadrant": np.array([2, 2, IGNORE, 0, *[IGNORE] * 4]),
+             "tool_state": np.array([5, 5, IGNORE, 3, *[IGNORE] * 4])}  # fmt: skip
+    # the head puts tool 1 on cells 0-2 (quadrants 2, 2, 1: majority right; states 4, 5, 4: majority wrong)
+    # and tool 2 nowhere; frame 2 has no instrument, so nothing is counted there
+    pred = {"cover": np.array([1, 1, 1, 0, 0, 0, 2, 0]), "quadrant": np.array([2, 2, 1, 0, 0, 0, 0, 0]),
+            "tool_state": np.array([4, 5, 4, 3, 0, 0, 0, 0])}  # fmt: skip
+    found = read_instruments(pred, truth, cells=4)
+    assert found == {"quadrant": [(True, 2), (False, 0)], "tool_state": [(False, 5), (False, 3)]}
+
+
 def test_vision_pretraining_trains_the_tower_and_saves_a_plain_model(micro, tmp_path):
     """A few steps on a micro config: only the vision tower changes, and the head is not saved."""
     from safetensors.torch import load_file
@@ -408,7 +426,8 @@ def test_vision_pretraining_trains_the_tower_and_saves_a_plain_model(micro, tmp_
     trainer = {"max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1,
                "save_steps": 2, "disable_tqdm": True}  # fmt: skip
     result = run_vision_pretrain(micro["model"], micro["data"], micro["data"], tmp_path / "vision", trainer)
-    assert result["steps"] == 3 and set(result["after"]) >= {"cover_acc", "state_acc", "tool_state_acc", "pos_mae"}
+    expected = {"cover_acc", "state_acc", "tool_state_acc", "read_quadrant_acc", "read_tool_state_acc", "pos_mae"}
+    assert result["steps"] == 3 and set(result["after"]) >= expected
     before = load_file(Path(micro["model"]) / "model.safetensors")
     after = load_file(Path(result["final"]) / "model.safetensors")
     assert set(before) == set(after)  # same tensors: no head in the saved model

@@ -73,6 +73,11 @@ def dense_table(vision: dict) -> str:
         if f"{name}_acc" in after:
             lines.append(f"| {name} accuracy | {_fmt(before.get(f'{name}_acc'))} | {_fmt(after[f'{name}_acc'])} | "
                          f"{_fmt(after.get(f'{name}_majority'))} |")  # fmt: skip
+    for name in ("quadrant", "tool_state"):
+        key = f"read_{name}"
+        if f"{key}_acc" in after:
+            lines.append(f"| {name} per instrument, read off its cells | {_fmt(before.get(f'{key}_acc'))} | "
+                         f"{_fmt(after[f'{key}_acc'])} | {_fmt(after.get(f'{key}_majority'))} |")  # fmt: skip
     for name in ("pos_mae", "box_mae"):
         if name in after:
             lines.append(f"| {name} (fraction of the frame) | {_fmt(before.get(name))} | {_fmt(after[name])} | - |")
