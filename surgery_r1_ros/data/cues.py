@@ -21,16 +21,13 @@ INSTRUMENT_STATES: dict[str, tuple[str, ...]] = {
 
 # How each instrument is told apart (the renderer's design and the reasoning's wording).
 INSTRUMENT_LOOKS: dict[str, tuple[str, ...]] = {
-    "bipolar_forceps": ("a blue-ringed dark shaft with two slim, rounded jaws", "slender paired jaws on a dark shaft"),
-    "prograsp_forceps": (
-        "a yellow-ringed dark shaft with broad fenestrated jaws",
-        "wide jaws with a window in each blade",
-    ),
-    "large_needle_driver": ("a green-ringed dark shaft with short, heavy jaws", "stubby, thick jaws on a dark shaft"),
-    "monopolar_curved_scissors": ("an orange-ringed dark shaft with curved blades", "two curved blades at the tip"),
+    "bipolar_forceps": ("a dark shaft with two slim, rounded jaws", "slender paired jaws on a dark shaft"),
+    "prograsp_forceps": ("a dark shaft with broad fenestrated jaws", "wide jaws with a window in each blade"),
+    "large_needle_driver": ("a dark shaft with short, heavy jaws", "stubby, thick jaws on a dark shaft"),
+    "monopolar_curved_scissors": ("a dark shaft with curved blades", "two curved blades at the tip"),
     "ultrasound_probe": ("a white cylindrical probe with a flat face", "a pale, thick probe with a flat head"),
     "suction": ("a thin metallic tube with an open tip", "a plain steel cannula"),
-    "clip_applier": ("a purple-ringed dark shaft with long, narrow jaws", "narrow elongated jaws"),
+    "clip_applier": ("a dark shaft with long, narrow jaws", "narrow elongated jaws"),
     "stapler": ("a thick shaft with a long, broad cartridge jaw", "a bulky two-part stapling jaw"),
 }
 

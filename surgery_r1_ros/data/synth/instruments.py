@@ -8,13 +8,13 @@ always names something that is in the picture. Sizes are in units of the shaft w
 ==========================  ==========================================================================
 instrument                  look
 ==========================  ==========================================================================
-bipolar_forceps             dark shaft ringed blue, slim paired jaws with rounded tips
-prograsp_forceps            dark shaft ringed yellow, broad jaws with a window in each blade
-large_needle_driver         dark shaft ringed green, short thick blunt jaws with serrations
-monopolar_curved_scissors   dark shaft ringed orange, two bright curved pointed blades
+bipolar_forceps             dark shaft, blue band, slim paired jaws with rounded tips
+prograsp_forceps            dark shaft, yellow band, broad jaws with a window in each blade
+large_needle_driver         dark shaft, green band, short thick blunt jaws with serrations
+monopolar_curved_scissors   dark shaft, orange band, two bright curved pointed blades
 ultrasound_probe            thick white cylinder, flat paddle head with a dark face
 suction                     thin plain steel tube with an open dark tip and side holes
-clip_applier                dark shaft ringed purple, long narrow parallel jaws
+clip_applier                dark shaft, purple band, long narrow parallel jaws
 stapler                     thick grey shaft, long two-part jaw: steel anvil over a teal cartridge
 ==========================  ==========================================================================
 
@@ -46,9 +46,6 @@ METAL_LIGHT = (236, 238, 242)
 METAL_DARK = (70, 72, 78)
 THREAD = (150, 60, 215)
 GOLD = (226, 186, 64)
-# Identity rings on banded shafts, in shaft widths: one ring every SHAFT_RING_PITCH, SHAFT_RING_WIDTH wide.
-SHAFT_RING_PITCH = 1.2
-SHAFT_RING_WIDTH = 0.45
 
 
 @dataclass(frozen=True)
@@ -160,16 +157,7 @@ def _shaft_and_wrist(pen: Pen, look: Look, design: Design, pivot: float, shaft_c
         band = design.band
         lighter = tuple(min(255, int(c * 0.6 + 100)) for c in band)
         darker = tuple(int(c * 0.55) for c in band)
-        ring_colors = (band, lighter, lighter, darker)
-        _cylinder(pen, wrist_end, band_end + 1, w, w, ring_colors)
-        # The five dark-shafted tools look alike away from the tip; their band colour repeated as rings
-        # along the shaft lets every shaft cell of the model's 28x28-pixel tokens say which tool it is.
-        taper = 0.3 * w / max(look.far - band_end, 1.0)
-        x = band_end + SHAFT_RING_PITCH * w
-        while x < look.far:
-            x1 = x + SHAFT_RING_WIDTH * w
-            _cylinder(pen, x, x1, w + taper * (x - band_end), w + taper * (x1 - band_end), ring_colors)
-            x += SHAFT_RING_PITCH * w
+        _cylinder(pen, wrist_end, band_end + 1, w, w, (band, lighter, lighter, darker))
     # the wrist: a metal joint with pulley lines
     _cylinder(pen, pivot - 0.05 * w, wrist_end + 1, 0.82 * w, 0.9 * w, (METAL, METAL_LIGHT, METAL_LIGHT, METAL_DARK))
     for f in (0.3, 0.62):
