@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny hand-written dataset in the EndoVis-18-VQLA layout."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,17 @@ def write_dataset(root: Path, labels: dict[str, dict[str, list[str]]] = LABELS) 
 def tiny_vqla(tmp_path: Path) -> Path:
     """Three sequences: seq_1 and seq_5 are EndoVis-18 test sequences, seq_2 a training one."""
     return write_dataset(tmp_path / "vqla")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fast_dds_files_removed_at_exit():
+    """Tests that run ROS clients in the pytest process leave Fast DDS shared-memory files that outlive their
+    context; remove the session's own ones when it ends (the files of other live processes stay)."""
+    from surgery_r1_ros.bag.ros_env import clean_shm, shm_snapshot
+
+    before = shm_snapshot()
+    yield
+    clean_shm(before, skip_pid=os.getpid())
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -172,3 +172,26 @@ def test_play_real_bags_rate_loop_and_missing_types(tmp_path: Path) -> None:
         assert wait_for(lambda: not loop.alive(), 20) and loop.popen.returncode == 0, loop.output()
         stats = _json_tail(loop.output())
         assert stats["loops"] >= 3 and stats["stopped_early"]
+
+
+def test_clean_shm_leaves_files_in_use_unless_the_user_is_the_caller_at_its_end() -> None:
+    """A file this process maps is in use (kept), unless this process says it is finishing (skip_pid)."""
+    import mmap
+    import os
+    import uuid
+
+    from surgery_r1_ros.bag.ros_env import SHM_DIR, clean_shm
+
+    before = shm_snapshot()
+    segment, semaphore = SHM_DIR / f"fastdds_test_{uuid.uuid4().hex}", SHM_DIR / f"sem.fastdds_test_{uuid.uuid4().hex}"
+    segment.write_bytes(b"\0" * 4096)
+    semaphore.write_bytes(b"\0" * 32)
+    try:
+        with segment.open("r+b") as f, mmap.mmap(f.fileno(), 4096):
+            assert clean_shm(before) == [semaphore.name]  # nobody uses the semaphore file; the segment is mapped
+            assert segment.exists()
+            assert clean_shm(before, skip_pid=os.getpid()) == [segment.name]
+        assert not segment.exists() and not semaphore.exists()
+    finally:
+        segment.unlink(missing_ok=True)
+        semaphore.unlink(missing_ok=True)

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 SHM_TRANSPORT = "SHM?max_msg_size=8MB&sockets_size=32MB"
 SHM_DIR = Path("/dev/shm")
-SHM_PREFIX = "fastdds_"
+SHM_PREFIXES = ("fastdds_", "sem.fastdds_")  # segments and their named semaphores (port mutexes)
 
 
 def safe_dds_env(domain_id: int | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -74,18 +74,18 @@ def safe_dds(domain_id: int | None = None) -> Iterator[dict[str, str]]:
 
 
 def shm_snapshot() -> set[str]:
-    """Names of the Fast DDS shared-memory files that exist now."""
+    """Names of the Fast DDS shared-memory files (segments and semaphores) that exist now."""
     try:
-        return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(SHM_PREFIX)}
+        return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(SHM_PREFIXES)}
     except OSError:
         return set()
 
 
-def _mapped_shm_files() -> set[str]:
-    """Names of /dev/shm files some live process has mapped or open (so not ours to delete)."""
+def _mapped_shm_files(skip_pid: int | None = None) -> set[str]:
+    """Names of /dev/shm files some live process other than ``skip_pid`` has mapped or open (not ours to delete)."""
     used: set[str] = set()
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
+        if not proc.name.isdigit() or proc.name == str(skip_pid):
             continue
         with contextlib.suppress(OSError):
             for line in (proc / "maps").read_text().splitlines():
@@ -101,18 +101,22 @@ def _mapped_shm_files() -> set[str]:
     return used
 
 
-def leftover_shm(before: set[str]) -> list[str]:
-    """Fast DDS files created since ``before`` that no live process uses: what we left behind."""
+def leftover_shm(before: set[str], skip_pid: int | None = None) -> list[str]:
+    """Fast DDS files created since ``before`` that no live process (but ``skip_pid``) uses: what we left behind."""
     new = shm_snapshot() - before
     if not new:
         return []
-    return sorted(new - _mapped_shm_files())
+    return sorted(new - _mapped_shm_files(skip_pid))
 
 
-def clean_shm(before: set[str]) -> list[str]:
-    """Delete the Fast DDS files created since ``before`` that no live process uses; returns their names."""
+def clean_shm(before: set[str], skip_pid: int | None = None) -> list[str]:
+    """Delete the Fast DDS files created since ``before`` that no live process uses; returns their names.
+
+    ``skip_pid``: a process whose own use does not count. A process that ran ROS clients in-process passes its
+    own pid as it finishes: Fast DDS keeps its files mapped until the process exits and does not remove them.
+    """
     removed = []
-    for name in leftover_shm(before):
+    for name in leftover_shm(before, skip_pid):
         with contextlib.suppress(FileNotFoundError):
             (SHM_DIR / name).unlink()
             removed.append(name)
