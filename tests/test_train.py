@@ -412,8 +412,9 @@ def test_instruments_are_read_off_the_cells_the_head_gives_them():
     # and tool 2 nowhere; frame 2 has no instrument, so nothing is counted there
     pred = {"cover": np.array([1, 1, 1, 0, 0, 0, 2, 0]), "quadrant": np.array([2, 2, 1, 0, 0, 0, 0, 0]),
             "tool_state": np.array([4, 5, 4, 3, 0, 0, 0, 0])}  # fmt: skip
-    found = read_instruments(pred, truth, cells=4)
-    assert found == {"quadrant": [(True, 2), (False, 0)], "tool_state": [(False, 5), (False, 3)]}
+    found = {name: (right.tolist(), values.tolist()) for name, (right, values) in
+             read_instruments(pred, truth, cells=4).items()}  # fmt: skip
+    assert found == {"quadrant": ([True, False], [2, 0]), "tool_state": ([False, False], [5, 3])}
 
 
 def test_vision_pretraining_trains_the_tower_and_saves_a_plain_model(micro, tmp_path):

@@ -69,15 +69,12 @@ def dense_table(vision: dict) -> str:
     """Stage 0's held-out per-cell scores before and after, beside always guessing the commonest value."""
     before, after = vision.get("before", {}), vision.get("after", {})
     lines = ["| per-cell target | random tower | after stage 0 | majority guess |", "|---|---|---|---|"]
-    for name in DENSE:
-        if f"{name}_acc" in after:
-            lines.append(f"| {name} accuracy | {_fmt(before.get(f'{name}_acc'))} | {_fmt(after[f'{name}_acc'])} | "
-                         f"{_fmt(after.get(f'{name}_majority'))} |")  # fmt: skip
-    for name in ("quadrant", "tool_state"):
-        key = f"read_{name}"
+    rows = [(name, f"{name} accuracy") for name in DENSE]
+    rows += [(f"read_{name}", f"{name} per instrument, read off its cells") for name in ("quadrant", "tool_state")]
+    for key, label in rows:
         if f"{key}_acc" in after:
-            lines.append(f"| {name} per instrument, read off its cells | {_fmt(before.get(f'{key}_acc'))} | "
-                         f"{_fmt(after[f'{key}_acc'])} | {_fmt(after.get(f'{key}_majority'))} |")  # fmt: skip
+            lines.append(f"| {label} | {_fmt(before.get(f'{key}_acc'))} | {_fmt(after[f'{key}_acc'])} | "
+                         f"{_fmt(after.get(f'{key}_majority'))} |")  # fmt: skip
     for name in ("pos_mae", "box_mae"):
         if name in after:
             lines.append(f"| {name} (fraction of the frame) | {_fmt(before.get(name))} | {_fmt(after[name])} | - |")

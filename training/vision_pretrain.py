@@ -59,6 +59,7 @@ HEAD: dict[str, int] = {
     "pos": 2,
 }
 MASKED = ("state", "tool_state", "quadrant")  # class targets set only on some cells (IGNORE elsewhere)
+READ = ("read_quadrant", "read_tool_state")  # per instrument, read off the head (read_instruments)
 
 
 @dataclass(frozen=True)
@@ -212,15 +213,17 @@ def dense_collate(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.concatenate([r[k] for r in rows])) for k in rows[0]}
 
 
-def read_instruments(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray], cells: int) -> dict[str, list]:
+def read_instruments(
+    pred: dict[str, np.ndarray], truth: dict[str, np.ndarray], cells: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Each instrument's quadrant and state as read off the head alone, against its true ones.
 
     Per frame (``cells`` rows each) and per instrument that covers at least one cell: the majority
     ``quadrant`` and ``tool_state`` over the cells the head says that instrument covers (no such cell: a
     miss). What a perfect reader of the tower's tokens could answer, to set beside the language model's
-    location and state accuracy.
+    location and state accuracy. Returns, per target, whether each instrument was read right and its true value.
     """
-    found: dict[str, list] = {"quadrant": [], "tool_state": []}
+    found: dict[str, list[tuple[bool, int]]] = {"quadrant": [], "tool_state": []}
     for start in range(0, len(truth["cover"]), cells):
         frame = slice(start, start + cells)
         for label in np.unique(truth["cover"][frame]):
@@ -233,17 +236,17 @@ def read_instruments(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray], 
                 votes = pred[name][frame][claimed]
                 guess = int(np.bincount(votes).argmax()) if votes.size else -1
                 found[name].append((guess == true_value, true_value))
-    return found
+    return {name: (np.array([r[0] for r in rows], bool), np.array([r[1] for r in rows], np.int64))
+            for name, rows in found.items()}  # fmt: skip
 
 
 @torch.inference_mode()
 def dense_metrics(model: DenseVisionModel, dataset: DenseDataset, batch_size: int = 32) -> dict[str, float]:
     """Held-out per-cell scores, each beside the score of always guessing the most common value."""
     model.eval()
-    hits: dict[str, list[np.ndarray]] = {k: [] for k in ("cover", "tool_cover", "tip", *MASKED)}
+    hits: dict[str, list[np.ndarray]] = {k: [] for k in ("cover", "tool_cover", "tip", *MASKED, *READ)}
     truths: dict[str, list[np.ndarray]] = {k: [] for k in hits}
     pos_err, box_err = [], []
-    read: dict[str, list] = {"quadrant": [], "tool_state": []}
     cells = model.grid_hw[0] * model.grid_hw[1] // MERGE_SIZE**2
     for start in range(0, len(dataset), batch_size):
         batch = dense_collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
@@ -259,8 +262,9 @@ def dense_metrics(model: DenseVisionModel, dataset: DenseDataset, batch_size: in
             sel = t[name] != IGNORE
             hits[name].append(pred[name][sel] == t[name][sel])
             truths[name].append(t[name][sel])
-        for name, found in read_instruments(pred, t, cells).items():
-            read[name].extend(found)
+        for name, (right, values) in read_instruments(pred, t, cells).items():
+            hits[f"read_{name}"].append(right)
+            truths[f"read_{name}"].append(values)
         pos_err.append(np.abs(out["pos"].sigmoid().numpy() - batch["pos"].numpy()).mean(axis=1))
         box_err.append(np.abs(out["box"].sigmoid().numpy() - batch["box"].numpy())[tool].mean(axis=1))
     model.train()
@@ -269,10 +273,6 @@ def dense_metrics(model: DenseVisionModel, dataset: DenseDataset, batch_size: in
         truth = np.concatenate(truths[name])
         result[f"{name}_acc"] = float(np.concatenate(hits[name]).mean()) if truth.size else 0.0
         result[f"{name}_majority"] = float(np.bincount(truth).max() / truth.size) if truth.size else 0.0
-    for name, found in read.items():
-        hits_, values = np.array([f[0] for f in found]), np.array([f[1] for f in found])
-        result[f"read_{name}_acc"] = float(hits_.mean()) if found else 0.0
-        result[f"read_{name}_majority"] = float(np.bincount(values).max() / values.size) if found else 0.0
     result["pos_mae"] = float(np.concatenate(pos_err).mean())
     result["box_mae"] = float(np.concatenate(box_err).mean())
     result["cells"] = int(sum(len(h) for h in hits["cover"]))
