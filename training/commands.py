@@ -1,4 +1,4 @@
-"""``surgery-r1 train sft|rft|builtin`` and ``surgery-r1 eval``."""
+"""``surgery-r1 train sft|rft|builtin``, ``surgery-r1 eval`` and ``surgery-r1 probe``."""
 
 from __future__ import annotations
 
@@ -41,6 +41,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="own frames; frames of another sequence (does the model read the image? it must get "
                          "worse); degraded frames (JPEG 45, 20%% darker, noise: it should not)")  # fmt: skip
     ev.set_defaults(handler=_eval)
+
+    probe = subparsers.add_parser("probe", help="what the vision tower offers a reader (attentive probe)")
+    probe.add_argument("--model", type=Path, required=True, help="model folder whose vision tower is probed")
+    probe.add_argument("--train", type=Path, required=True, help="synthetic dataset with dense sidecars (training)")
+    probe.add_argument("--test", type=Path, required=True, help="held-out synthetic dataset with dense sidecars")
+    probe.add_argument("--train-frames", type=int, default=4000, help="use the first N training frames")
+    probe.add_argument("--steps", type=int, default=3000)
+    probe.add_argument("--out", type=Path, default=None, help="write the result here as JSON")
+    probe.set_defaults(handler=_probe)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -94,4 +103,16 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"report: {args.out / 'report.json'}")
     headline = {k: report[k] for k in ("accuracy", "f_score", "miou_legacy", "miou", "coherence_rate", "format_rate")}
     print(json.dumps(headline))
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from .reader_probe import probe_reader
+
+    result = probe_reader(args.model, args.train, args.test, args.train_frames, args.steps)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n", encoding="utf-8")
+    print(text)
     return 0

@@ -166,6 +166,13 @@ def masked_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return logits.sum() * 0.0
 
 
+def tower_tokens(visual: nn.Module, pixel_values: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """The merger's output tokens (cells x hidden, frame after frame) for frames of ``grid_hw`` patches."""
+    patches = grid_hw[0] * grid_hw[1]
+    grid = torch.tensor([[1, *grid_hw]] * (pixel_values.shape[0] // patches), device=pixel_values.device)
+    return visual(pixel_values, grid_thw=grid).pooler_output
+
+
 class DenseVisionModel(nn.Module):
     """The vision tower with a per-token linear head and the dense losses (training only)."""
 
@@ -175,14 +182,10 @@ class DenseVisionModel(nn.Module):
         self.head = nn.Linear(hidden, sum(HEAD.values()))
         self.grid_hw = grid_hw
 
-    def tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        patches = self.grid_hw[0] * self.grid_hw[1]
-        grid = torch.tensor([[1, *self.grid_hw]] * (pixel_values.shape[0] // patches), device=pixel_values.device)
-        return self.visual(pixel_values, grid_thw=grid).pooler_output
-
     def outputs(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """Head outputs per target name, one row per cell."""
-        return dict(zip(HEAD, self.head(self.tokens(pixel_values)).split(list(HEAD.values()), dim=-1), strict=True))
+        out = self.head(tower_tokens(self.visual, pixel_values, self.grid_hw))
+        return dict(zip(HEAD, out.split(list(HEAD.values()), dim=-1), strict=True))
 
     def forward(self, pixel_values: torch.Tensor, **targets: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.outputs(pixel_values)
@@ -220,8 +223,9 @@ def read_instruments(
 
     Per frame (``cells`` rows each) and per instrument that covers at least one cell: the majority
     ``quadrant`` and ``tool_state`` over the cells the head says that instrument covers (no such cell: a
-    miss). What a perfect reader of the tower's tokens could answer, to set beside the language model's
-    location and state accuracy. Returns, per target, whether each instrument was read right and its true value.
+    miss). What the head alone reads, to set beside the language model's location and state accuracy (a reader
+    that attends reads more: ``reader_probe.py``). Returns, per target, whether each instrument was read
+    right and its true value.
     """
     found: dict[str, list[tuple[bool, int]]] = {"quadrant": [], "tool_state": []}
     for start in range(0, len(truth["cover"]), cells):
