@@ -349,6 +349,7 @@ def test_model_card_tables_come_from_the_pipeline_records(tmp_path):
         "vision": {"seconds": 60.0, "result": {"steps": 30, "config": {"trainer": trainer},
                                                "before": {"cover_acc": 0.1, "pos_mae": 0.3}, "after": dense}},
         "sft_a": {"seconds": 120.0, "result": {"steps": 40, "config": {**config, "freeze_vision": True}}},
+        "sft_b": {"seconds": 60.0, "result": {"steps": 20, "config": {**config, "box_attention": 0.5}}},
         "eval": {"result": {"sft_grpo/direct": {**row, "accuracy_by_kind": {"organ": 1.0, "location": 0.5},
                                                 "state_by_subject": by_subject},
                             "sft_grpo/direct/swapped": swapped}},
@@ -359,13 +360,14 @@ def test_model_card_tables_come_from_the_pipeline_records(tmp_path):
     assert "| SFT + GRPO | 0.500 | 0.250 | 0.600 | 0.300 | - | 1.000 | 10 |" in card
     assert "| SFT only | 0.800 | 1.100 | +0.300 | 64 |" in card
     assert "| sft_a | sft (vision frozen) | vqa | 40 | 8 | 0.002 | 2.0 |" in card
+    assert "| sft_b | sft + box attention x0.5 | vqa | 20 | 8 | 0.002 | 1.0 |" in card
     assert "| vision | dense (Trainer) | dense ground truth | 30 | 8 | 0.002 | 1.0 |" in card
     assert "| cover accuracy | 0.100 | 0.900 | 0.600 |" in card
     assert "| quadrant per instrument, read off its cells | - | 0.800 | 0.300 |" in card
     assert "| SFT + GRPO, direct | 1.000 | - | 0.500 |" in card  # organ, state, location
     assert "| frames of another sequence | 0.200 | -0.300 | 0.100 | -0.200 | 10 |" in card
     assert "| stapler | 6 | 0.500 | 0.250 | 0.667 | 1 |" in card
-    assert "11.0 min on test-machine" in card
+    assert "12.0 min on test-machine" in card
 
 
 # -- stage 0: vision pre-training ---------------------------------------------------------------------------------
@@ -474,3 +476,82 @@ def test_eval_frame_variants(micro):
     assert varied.shape == image.shape and varied.dtype == np.uint8 and not np.array_equal(varied, image)
     with pytest.raises(ValueError, match="frames must be one of"):
         generate(None, items, None, frames="mirrored")
+
+
+# -- box attention ---------------------------------------------------------------------------------------------
+
+
+def test_box_cells_are_the_cells_whose_centre_lies_in_the_box():
+    import numpy as np
+    from surgery_r1_ros.training.box_attention import box_cells
+
+    cells = box_cells((30, 0, 84, 28), (112, 84)).reshape(3, 4)  # 28 px cells; centres at 14, 42, 70, 98
+    assert cells.tolist() == [[False, True, True, False], [False] * 4, [False] * 4]
+    tiny = box_cells((60, 60, 62, 62), (112, 84)).reshape(3, 4)  # inside no cell's centre: the cell under it
+    assert np.argwhere(tiny).tolist() == [[2, 2]]
+    assert not box_cells(None, (112, 84)).any()
+
+
+def test_box_attention_loss_is_minus_log_of_the_mass_on_the_box():
+    import math
+
+    from surgery_r1_ros.training.box_attention import box_attention_loss
+
+    image_id = 9
+    input_ids = torch.tensor([[1, 9, 9, 9, 9, 2, 3, 4], [1, 9, 9, 9, 9, 2, 3, 4]])
+    labels = torch.tensor([[-100] * 6 + [3, 4], [-100] * 6 + [3, 4]])  # positions 5 and 6 predict the targets
+    cells = torch.tensor([[True, False, False, False], [False] * 4])  # row 1 has no box: not supervised
+    weights = torch.zeros(2, 2, 8, 8)
+    weights[:, 0, :, 1:5] = 0.25  # head 0 spreads evenly over the 4 image tokens
+    weights[:, 1, :, 1] = 1.0  # head 1 (not supervised) looks at the box only
+    loss, mass = box_attention_loss([weights], input_ids, labels, cells, image_id)
+    assert mass == pytest.approx(0.25) and float(loss) == pytest.approx(-math.log(0.25), rel=1e-4)
+    weights[0, 0, 5:7] = 0.0
+    weights[0, 0, 5:7, 1] = 1.0  # head 0 on the box at the predicting positions
+    loss, mass = box_attention_loss([weights], input_ids, labels, cells, image_id)
+    assert mass == pytest.approx(1.0) and float(loss) == pytest.approx(0.0, abs=1e-4)
+    assert box_attention_loss([weights], input_ids, labels, torch.zeros(2, 4, dtype=torch.bool), image_id) is None
+    with pytest.raises(ValueError, match="image tokens"):
+        box_attention_loss([weights], input_ids, labels, cells[:, :3], image_id)
+
+
+def test_box_attention_training_points_the_head_at_the_box(micro, tmp_path):
+    """The same SFT with and without the loss: with it, the supervised head looks at the box far more."""
+    from surgery_r1_ros.training.box_attention import attention_on_boxes
+    from surgery_r1_ros.training.config import DataConfig
+    from surgery_r1_ros.training.dataset import load_records, sft_row
+    from surgery_r1_ros.training.sft import run_sft
+
+    from surgery_r1_ros.model import load_model
+
+    with pytest.raises(ValueError, match="box_attention"):
+        from_dict({**rft_config(micro, tmp_path / "r"), "box_attention": 1.0})
+    raw = sft_config(micro, tmp_path / "plain", max_steps=20, learning_rate=1e-2, per_device_train_batch_size=4)
+    raw["data"]["kinds"] = ["grounding"]
+    plain = run_sft(from_dict(raw))
+    supervised = run_sft(from_dict({**raw, "output_dir": str(tmp_path / "box"), "box_attention": 5.0}))
+    assert "box_attention_mass" in (tmp_path / "box" / "metrics.csv").read_text().splitlines()[0]
+    rows = [sft_row(r, (56, 56)) for r in load_records(DataConfig(mix=str(micro["mix"]), kinds=["grounding"]))]
+    masses = [attention_on_boxes(load_model(m, attn_implementation="eager"), rows) for m in (plain, supervised)]
+    assert masses[1] > masses[0] + 0.2, masses
+
+
+def test_attentive_probe_reads_instruments_off_the_tower_tokens(micro, tmp_path):
+    """Fitted on a few frames, the probe names each instrument's quadrant from the tokens; a blind tower
+    (constant tokens) gives the same answers whichever frame it is shown."""
+    import numpy as np
+    from surgery_r1_ros.training.reader_probe import prior_accuracy, probe_reader
+
+    from surgery_r1_ros.model import load_model, save_model
+
+    seen = probe_reader(micro["model"], micro["data"], micro["data"], steps=300, batch_size=16)
+    assert seen["own_frames"]["quadrant"] >= 0.9 and seen["test_items"] == seen["train_items"] > 4
+    loaded = load_model(micro["model"])
+    with torch.no_grad():
+        loaded.model.model.visual.merger.mlp[-1].weight.zero_()
+    blind = probe_reader(save_model(loaded, tmp_path / "blind"), micro["data"], micro["data"], steps=30)
+    assert blind["own_frames"] == blind["swapped_frames"]
+    train = np.array([[0, 1, 2, 5], [1, 1, 2, 6], [2, 1, 3, 6], [3, 4, 0, 0]])
+    test = np.array([[0, 1, 2, 6], [1, 4, 1, 0], [2, 7, 0, 0]])  # instrument 7 never seen in training: a miss
+    assert prior_accuracy(train, test, 2) == pytest.approx(1 / 3)
+    assert prior_accuracy(train, test, 3) == pytest.approx(2 / 3)

@@ -107,8 +107,9 @@ def model_card(state: dict, spec: dict, config_path: Path, machine: str) -> str:
         kinds = ", ".join(cfg["data"]["kinds"]) if "data" in cfg else "dense ground truth"
         frozen = " (vision frozen)" if cfg.get("freeze_vision") else ""
         frozen = " (vision frozen but its merger)" if cfg.get("train_merger") else frozen
+        looks = f" + box attention x{cfg['box_attention']}" if cfg.get("box_attention") else ""
         stages.append(
-            f"| {name} | {trainer}{frozen} | {kinds} | {r['steps']} | "
+            f"| {name} | {trainer}{looks}{frozen} | {kinds} | {r['steps']} | "
             f"{t.get('per_device_train_batch_size')} | {t.get('learning_rate')} | {s['seconds'] / 60:.1f} |"
         )
     synth = state.get("synth", {}).get("result", {})

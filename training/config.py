@@ -18,6 +18,7 @@ rewards, and a ``trainer`` block passed verbatim to TRL's ``SFTConfig`` / ``GRPO
     rewards: {format: 0.5, accuracy: 1.0, iou: 1.0, coherence: 0.5}   # rft only, name -> weight
     freeze_vision: false             # true: train the language model only (after vision pre-training)
     train_merger: false              # with freeze_vision: keep the merger (the tower's projection) trainable
+    box_attention: 0.0               # sft only: weight of the loss that points attention at the box (box_attention.py)
     trainer: {learning_rate: 1e-3, max_steps: 500, ...}
 
 Relative paths are relative to the current directory. ``--config NAME`` also finds the configs shipped
@@ -70,6 +71,7 @@ class RunConfig:
     freeze_vision: bool = False  # train the language model only (after vision pre-training)
     source: str | None = None  # the file it was read from
     train_merger: bool = False  # with freeze_vision: the merger (the tower's projection) still trains
+    box_attention: float = 0.0  # sft: weight of the box attention loss (training/box_attention.py); 0 = off
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +83,7 @@ class RunConfig:
             "rewards": dict(self.rewards),
             "freeze_vision": self.freeze_vision,
             "train_merger": self.train_merger,
+            "box_attention": self.box_attention,
             "trainer": dict(self.trainer),
         }
 
@@ -115,7 +118,7 @@ def from_dict(raw: dict[str, Any], source: str | None = None, overrides: dict[st
             raw[head] = value
     where = source or "config"
     _known(where, raw, {"stage", "model", "output_dir", "data", "trainer", "lora", "rewards", "freeze_vision",
-                        "train_merger"})  # fmt: skip
+                        "train_merger", "box_attention"})  # fmt: skip
     stage = raw.get("stage")
     if stage not in STAGES:
         raise ValueError(f"{where}: 'stage' must be one of {', '.join(STAGES)}, got {stage!r}")
@@ -145,9 +148,11 @@ def from_dict(raw: dict[str, Any], source: str | None = None, overrides: dict[st
     freeze, merger = bool(raw.get("freeze_vision", False)), bool(raw.get("train_merger", False))
     if merger and not freeze:
         raise ValueError(f"{where}: train_merger applies with freeze_vision: true (unfrozen, the merger trains anyway)")
-    return RunConfig(
-        stage, str(raw["model"]), str(raw["output_dir"]), data, trainer, lora, rewards, freeze, source, merger
-    )
+    box_attention = float(raw.get("box_attention") or 0.0)
+    if box_attention < 0 or (box_attention and stage != "sft"):
+        raise ValueError(f"{where}: box_attention is a non-negative loss weight of SFT stages, got {box_attention}")
+    return RunConfig(stage, str(raw["model"]), str(raw["output_dir"]), data, trainer, lora, rewards, freeze, source,
+                     merger, box_attention)  # fmt: skip
 
 
 def load_config(name: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:

@@ -90,6 +90,8 @@ def sft_row(record: dict, model_size: Size) -> dict[str, Any]:
         "mode": str(protocol.target_mode(reasoning, box)),
         "target": protocol.build_target(record["answer"], tuple(box) if box else None, reasoning),
         "kind": record["kind"],
+        "attend_box": box if reasoning is None else None,  # where box attention looks (box_attention.py)
+        "model_size": list(model_size),
     }
 
 
@@ -97,9 +99,16 @@ class SFTCollator:
     """Batches SFT rows through the model helper's ``encode_prompt``: loss on the completion only."""
 
     def __init__(
-        self, processor, images: ImageCache, shuffle_images: bool = False, seed: int = 0, augment: bool = False
+        self,
+        processor,
+        images: ImageCache,
+        shuffle_images: bool = False,
+        seed: int = 0,
+        augment: bool = False,
+        box_cells: bool = False,
     ) -> None:
         self.processor = processor
+        self.box_cells = box_cells  # add each row's ``box_cells`` (the box attention loss's targets)
         self.images = images
         # Diagnostic: pair each question with another row's image; the loss must then go up.
         self.shuffle_images = shuffle_images
@@ -123,6 +132,11 @@ class SFTCollator:
             [protocol.PromptMode(r["mode"]) for r in rows],
             targets=[r["target"] for r in rows],
         )
+        if self.box_cells:
+            from .box_attention import box_cells
+
+            cells = [box_cells(r["attend_box"], tuple(r["model_size"])) for r in rows]
+            batch["box_cells"] = torch.from_numpy(np.stack(cells))
         return dict(batch)
 
 

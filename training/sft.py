@@ -31,6 +31,28 @@ from .dataset import ImageCache, SFTCollator, load_records, sft_dataset
 log = logging.getLogger(__name__)
 
 
+def box_attention_trainer(base: type, weight: float) -> type:
+    """``base`` (TRL's SFTTrainer) whose loss adds ``weight`` x the box attention loss (box_attention.py)."""
+    from .box_attention import box_attention_loss, captured_attention
+
+    class BoxAttentionSFTTrainer(base):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            cells = inputs.pop("box_cells")
+            with captured_attention(self.model) as weights:  # the unwrapped model: hooks see through DDP
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            extra = box_attention_loss(weights, inputs["input_ids"], inputs["labels"], cells,
+                                       self.model.config.image_token_id)  # fmt: skip
+            if extra is None:
+                return result
+            loss, mass = extra
+            self._metrics["train" if model.training else "eval"]["box_attention_mass"].append(mass)
+            if return_outputs:
+                return result[0] + weight * loss, result[1]
+            return result + weight * loss
+
+    return BoxAttentionSFTTrainer
+
+
 def build_sft_trainer(config: RunConfig, checkpoint: str | None = None, callbacks=()):
     """The SFTTrainer for a config (also used by tests and diagnostics)."""
     from trl import SFTConfig, SFTTrainer
@@ -38,12 +60,15 @@ def build_sft_trainer(config: RunConfig, checkpoint: str | None = None, callback
     from surgery_r1_ros.model import image_size
 
     model, processor = load_start_model(config.model, checkpoint)
+    if config.box_attention:
+        model.set_attn_implementation({"text_config": "eager"})  # SDPA returns no attention weights; same math
     if config.freeze_vision:
         freeze_vision(model, keep_merger=config.train_merger)
     model_size = image_size(processor)
     records = load_records(config.data)
     train = sft_dataset(records, model_size)
-    collator = SFTCollator(processor, ImageCache(), seed=config.data.seed, augment=config.data.augment)
+    collator = SFTCollator(processor, ImageCache(), seed=config.data.seed, augment=config.data.augment,
+                           box_cells=bool(config.box_attention))  # fmt: skip
     settings = {
         **trainer_defaults(config.output_dir),
         "dataset_kwargs": {"skip_prepare_dataset": True},  # the collator tokenizes
@@ -52,7 +77,8 @@ def build_sft_trainer(config: RunConfig, checkpoint: str | None = None, callback
         **config.trainer,
     }
     args = SFTConfig(**settings)
-    trainer = SFTTrainer(
+    trainer_class = box_attention_trainer(SFTTrainer, config.box_attention) if config.box_attention else SFTTrainer
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train,
