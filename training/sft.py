@@ -46,9 +46,10 @@ def box_attention_trainer(base: type, weight: float) -> type:
                 return result
             loss, mass = extra
             self._metrics["train" if model.training else "eval"]["box_attention_mass"].append(mass)
-            if return_outputs:
-                return result[0] + weight * loss, result[1]
-            return result + weight * loss
+            # A per-micro-batch mean: with `num_items_in_batch` the Trainer leaves accumulation to the loss (as TRL
+            # does for its router loss)
+            loss = weight * loss / (self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1)
+            return (result[0] + loss, result[1]) if return_outputs else result + loss
 
     return BoxAttentionSFTTrainer
 
