@@ -542,9 +542,13 @@ def test_attentive_probe_reads_instruments_off_the_tower_tokens(micro, tmp_path)
     import numpy as np
     from surgery_r1_ros.training.reader_probe import prior_accuracy, probe_reader
 
+    from surgery_r1_ros.cli import main
     from surgery_r1_ros.model import load_model, save_model
 
-    seen = probe_reader(micro["model"], micro["data"], micro["data"], steps=300, batch_size=16)
+    out = tmp_path / "probe.json"
+    args = ["probe", "--model", str(micro["model"]), "--train", str(micro["data"]), "--test", str(micro["data"])]
+    assert main([*args, "--steps", "300", "--out", str(out)]) == 0
+    seen = json.loads(out.read_text())
     assert seen["own_frames"]["quadrant"] >= 0.9 and seen["test_items"] == seen["train_items"] > 4
     loaded = load_model(micro["model"])
     with torch.no_grad():
