@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from surgery_r1_ros.boxes import Box, Size
+from surgery_r1_ros.model.prompts import IGNORE_INDEX
 
 from .vision_pretrain import CELL
 
 ATTENDING_LAYERS = 2  # the first head of each of the language model's last two layers is supervised
-IGNORE_INDEX = -100
 
 
 def box_cells(box: Box | Sequence[float] | None, size: Size) -> np.ndarray:
@@ -117,14 +117,14 @@ def attention_on_boxes(loaded, rows: list[dict], batch_size: int = 16) -> float:
     if not rows:
         raise ValueError("no rows with a box and no reasoning to measure attention on")
     model = loaded.model
-    total, count = 0.0, 0
+    total = 0.0
     for start in range(0, len(rows), batch_size):
-        batch = collator(rows[start : start + batch_size])
+        chunk = rows[start : start + batch_size]
+        batch = collator(chunk)
         cells = batch.pop("box_cells")
         labels = batch.pop("labels")
         with captured_attention(model) as weights:
             model(**batch)
         _, mass = box_attention_loss(weights, batch["input_ids"], labels, cells, model.config.image_token_id)
-        n = len(rows[start : start + batch_size])
-        total, count = total + mass * n, count + n
-    return total / count
+        total += mass * len(chunk)
+    return total / len(rows)

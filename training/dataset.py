@@ -91,7 +91,6 @@ def sft_row(record: dict, model_size: Size) -> dict[str, Any]:
         "target": protocol.build_target(record["answer"], tuple(box) if box else None, reasoning),
         "kind": record["kind"],
         "attend_box": box if reasoning is None else None,  # where box attention looks (box_attention.py)
-        "model_size": list(model_size),
     }
 
 
@@ -133,9 +132,12 @@ class SFTCollator:
             targets=[r["target"] for r in rows],
         )
         if self.box_cells:
+            from surgery_r1_ros.model import image_size
+
             from .box_attention import box_cells
 
-            cells = [box_cells(r["attend_box"], tuple(r["model_size"])) for r in rows]
+            size = image_size(self.processor)
+            cells = [box_cells(r["attend_box"], size) for r in rows]
             batch["box_cells"] = torch.from_numpy(np.stack(cells))
         return dict(batch)
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from surgery_r1_ros.model.processor import MERGE_SIZE
+from surgery_r1_ros.model.processor import image_token_count
 from surgery_r1_ros.vocab import INSTRUMENTS, QUADRANTS, STATES
 
 from .vision_pretrain import DenseDataset, dense_collate, dense_frames, grid_of, tower_tokens
@@ -65,7 +65,7 @@ def encode_frames(loaded, root: str | Path, limit: int | None, batch_size: int =
     for start in tqdm(range(0, len(frames), batch_size), desc=f"tower tokens {Path(root).name}", unit="batch"):
         batch = dense_collate([dataset[i] for i in range(start, min(start + batch_size, len(frames)))])
         out = tower_tokens(visual, batch["pixel_values"], grid)
-        tokens.append(out.float().reshape(-1, grid[0] * grid[1] // MERGE_SIZE**2, out.shape[-1]))
+        tokens.append(out.float().reshape(-1, image_token_count(loaded.processor), out.shape[-1]))
     items = [
         (i, INSTRUMENTS.index(inst["name"]), QUADRANTS.index(inst["quadrant"]), STATES.index(inst["state"]))
         for i, frame in enumerate(frames)
