@@ -10,7 +10,7 @@ What is written to the output folder (everything the onnxruntime and TensorRT ba
   and ``present_key.<i>`` /
   ``present_value.<i>`` (1, kv_heads, past + seq, head_dim). Prefill is a call with past = 0.
 - ``embed_tokens.npy``: the token embedding matrix (the decoder takes embeddings, so that image rows can be
-  spliced in; the matrix is tied to ``lm_head`` in the built-in model, so it is not exported twice).
+  spliced in); the output head (``lm_head``) is inside ``decoder.onnx``, tied to this matrix or not.
 - ``processor/``: tokenizer, chat template and fixed-size image processor of the model.
 - ``export_manifest.json``: input/output names, shapes, dtypes, image size, token ids, model config hash,
   opset and the sha256 of each ONNX file (the TensorRT engine cache key).

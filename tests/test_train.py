@@ -370,6 +370,24 @@ def test_model_card_tables_come_from_the_pipeline_records(tmp_path):
     assert "12.0 min on test-machine" in card
 
 
+def test_model_card_shows_the_readout_refit_as_the_final_model(tmp_path):
+    from surgery_r1_ros.training.card import model_card
+
+    row = {"n": 10, "accuracy": 0.5, "f_score": 0.25, "miou_legacy": 0.6, "miou": 0.3, "coherence_rate": None,
+           "format_rate": 1.0}  # fmt: skip
+    refit = {"kinds": ["grounding", "cot"], "best_step": 7, "positions": 99, "lr": 0.01}
+    state = {
+        "readout": {"seconds": 90.0, "result": refit},
+        "eval": {"result": {"sft_grpo/direct": row, "sft_grpo/direct/swapped": {**row, "accuracy": 0.4},
+                            "readout/direct": {**row, "accuracy": 0.7},
+                            "readout/direct/swapped": {**row, "accuracy": 0.3}}},
+    }  # fmt: skip
+    card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
+    assert "| readout | answer rows of the output head refit | grounding, cot | 7 | 99 positions | 0.01 | 1.5 |" in card
+    assert "| SFT + GRPO + readout refit | 0.700 | 0.250 |" in card
+    assert "| frames of another sequence | 0.300 | -0.400 |" in card  # the final model's, not GRPO's
+
+
 # -- stage 0: vision pre-training ---------------------------------------------------------------------------------
 
 
@@ -559,3 +577,78 @@ def test_attentive_probe_reads_instruments_off_the_tower_tokens(micro, tmp_path)
     test = np.array([[0, 1, 2, 6], [1, 4, 1, 0], [2, 7, 0, 0]])  # instrument 7 never seen in training: a miss
     assert prior_accuracy(train, test, 2) == pytest.approx(1 / 3)
     assert prior_accuracy(train, test, 3) == pytest.approx(2 / 3)
+
+
+# -- readout refit ------------------------------------------------------------------------------------------------
+
+
+def _positions(n: int, hidden: int, classes: int, seed: int = 0):
+    """Hidden states that encode their target token linearly (class direction + noise), 20 frames."""
+    from surgery_r1_ros.training.readout import Positions
+
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, classes, (n,), generator=g)
+    directions = torch.randn(classes, hidden, generator=g)
+    states = directions[target] + 0.3 * torch.randn(n, hidden, generator=g)
+    return Positions(states, target, torch.arange(n) % 20)
+
+
+def test_answer_rows_loss_is_the_full_softmax_cross_entropy():
+    """Caching the fixed rows' log-sum-exp changes nothing: the loss is cross-entropy over the whole vocabulary."""
+    from surgery_r1_ros.training.readout import AnswerRowsLoss
+
+    positions = _positions(300, 16, 12)
+    head = torch.randn(40, 16)
+    rows = [3, 5, 7, 11]
+    loss = AnswerRowsLoss(head, rows, positions, chunk=64)
+    expected = torch.nn.functional.cross_entropy(positions.hidden @ head.T, positions.target)
+    assert loss(head[rows]).item() == pytest.approx(expected.item(), rel=1e-5)
+    moved = head.clone()
+    moved[rows] += 1.0
+    expected = torch.nn.functional.cross_entropy(positions.hidden @ moved.T, positions.target)
+    assert loss(moved[rows]).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_readout_fit_learns_the_answers_the_head_misses_and_leaves_other_rows():
+    """Rows that read nothing (random) learn to name what the hidden states hold; held-out frames score it."""
+    from surgery_r1_ros.training.readout import AnswerRowsLoss, fit_answer_rows
+
+    positions = _positions(2000, 16, 12)
+    directions = torch.zeros(12, 16)
+    for c in range(12):  # the head reads the non-answer classes right and the answer classes not at all
+        directions[c] = positions.hidden[positions.target == c].mean(0)
+    answers = [2, 4, 6, 8]
+    head = directions.clone()
+    head[answers] = torch.randn(4, 16) * 0.01
+    fitted, result = fit_answer_rows(head, answers, positions, steps=200, lr=0.05)
+    assert result["held_answer_accuracy_before"] < 0.3 < 0.95 < result["held_answer_accuracy_after"]
+    assert result["held_loss_after"] < result["held_loss_before"] and result["best_step"] > 0
+    others = [c for c in range(12) if c not in answers]
+    assert torch.equal(fitted[others], head[others])
+    assert AnswerRowsLoss(fitted, answers, positions).answer_accuracy(fitted[answers]) > 0.95
+
+
+def test_readout_refit_writes_a_plain_model_with_its_own_head(micro, tmp_path):
+    """`surgery-r1 train readout`: the saved model loads with an untied head; only answer rows changed."""
+    from surgery_r1_ros.training.readout import answer_token_ids
+
+    from surgery_r1_ros.cli import main
+    from surgery_r1_ros.model import load_model
+
+    out = tmp_path / "readout"
+    args = ["train", "readout", "--model", str(micro["model"]), "--mix", str(micro["mix"]), "--out", str(out)]
+    assert main([*args, "--questions", "4", "--steps", "20"]) == 0
+    before, after = load_model(micro["model"]), load_model(out)
+    assert before.model.lm_head.weight is before.model.model.language_model.embed_tokens.weight
+    assert after.model.lm_head.weight is not after.model.model.language_model.embed_tokens.weight
+    assert not after.model.config.tie_word_embeddings
+    embed = after.model.model.language_model.embed_tokens.weight
+    assert torch.equal(embed, before.model.model.language_model.embed_tokens.weight)
+    rows = answer_token_ids(after.processor.tokenizer)
+    others = torch.ones(embed.shape[0], dtype=torch.bool)
+    others[rows] = False
+    assert torch.equal(after.model.lm_head.weight[others], embed[others])
+    readout = json.loads((out / "surgery_r1.json").read_text())["readout"]
+    assert readout["best_step"] > 0 and readout["held_loss_after"] < readout["held_loss_before"]
+    assert not torch.equal(after.model.lm_head.weight[rows], embed[rows])
+    assert f"step {readout['best_step']} of 20 kept" in (out / "README.md").read_text()

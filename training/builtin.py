@@ -11,10 +11,11 @@
 5. SFT in phases (a curriculum: short grounding/VQA targets first, then chain of thought added), the vision
    tower frozen, each phase gated on image reliance (it fails loudly when the frame stops mattering),
 6. GRPO from the SFT result,
-7. evaluate untrained / SFT / SFT+GRPO on the test split (direct and reasoning prompts), the final model also
-   with frames swapped across sequences and with degraded frames, and measure how much each stage relies on
-   the image (test loss with true vs shuffled frames),
-8. install the final weights in ``--out`` in place and write its model card.
+7. readout refit: the output head's answer rows fitted to the last hidden states (``readout.py``),
+8. evaluate untrained / SFT / SFT+GRPO / readout on the test split (direct and reasoning prompts), the final
+   model also with frames swapped across sequences and with degraded frames, and measure how much each stage
+   relies on the image (test loss with true vs shuffled frames),
+9. install the final weights in ``--out`` in place and write its model card.
 
 Stages record completion in ``<work>/stages.json``; ``--resume`` skips finished ones and resumes the
 current training stage from its last checkpoint. Knobs live in ``training/configs/builtin_pipeline.yaml``.
@@ -239,6 +240,15 @@ class Pipeline:
             results[key]["report"] = str(out / "report.json")
         return results
 
+    def readout(self, model: str, spec: dict) -> dict:
+        """The output head's answer rows refit on the training mix (training/readout.py)."""
+        from .readout import refit_readout
+
+        spec = dict(spec)
+        folder = self.work / "readout"
+        result = refit_readout(model, self.mix, folder, seed=int(self.spec.get("seed", 0)), **spec)
+        return {"final": str(folder), **result}
+
     def reliance(self, models: dict[str, str]) -> dict:
         """Teacher-forced loss on the test split with true vs shuffled frames (training/reliance.py)."""
         from .reliance import image_reliance
@@ -249,12 +259,12 @@ class Pipeline:
     def install(self) -> dict:
         from surgery_r1_ros.model import load_model, save_model
 
-        final = self.state["rft"]["result"]["final"]
+        final = self.state["readout" if "readout" in self.state else "rft"]["result"]["final"]
         loaded = load_model(final)
         info = {
             "trained": True,
             "kind": "builtin",
-            "pipeline": "surgery-r1 train builtin (synth -> mix -> vision pre-training -> SFT -> GRPO)",
+            "pipeline": "surgery-r1 train builtin (synth -> mix -> vision pre-training -> SFT -> GRPO -> readout)",
             "metrics": self.state.get("eval", {}).get("result", {}),
         }
         save_model(loaded, self.out, info)
@@ -291,8 +301,11 @@ def run_builtin(out: str | Path, work: str | Path, config: str = "builtin_pipeli
     sft_final = model
     rft = p.stage("rft", lambda: p.train("rft", "rft", sft_final, spec["rft"]))
     answering = {"untrained": init["folder"], "sft": sft_final, "sft_grpo": rft["final"]}
-    p.stage("eval", lambda: p.evaluate(answering, final="sft_grpo"))
-    p.stage("reliance", lambda: p.reliance({**models, "sft": sft_final, "sft_grpo": rft["final"]}))
+    if "readout" in spec:
+        answering["readout"] = p.stage("readout", lambda: p.readout(rft["final"], spec["readout"]))["final"]
+    final = list(answering)[-1]
+    p.stage("eval", lambda: p.evaluate(answering, final=final))
+    p.stage("reliance", lambda: p.reliance({**models, **answering}))
     p.stage("install", p.install)
     return write_model_card(p, path)
 

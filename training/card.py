@@ -10,11 +10,13 @@ from surgery_r1_ros.vocab import QuestionKind
 from .builtin import TRAINING_STAGES
 
 COLUMNS = ("accuracy", "f_score", "miou_legacy", "miou", "coherence_rate", "format_rate")
-ROWS = (("untrained", "untrained (random init)"), ("sft", "SFT only"), ("sft_grpo", "SFT + GRPO"))
+ROWS = (("untrained", "untrained (random init)"), ("sft", "SFT only"), ("sft_grpo", "SFT + GRPO"),
+        ("readout", "SFT + GRPO + readout refit"))  # fmt: skip
 RELIANCE_ROWS = (("untrained", "untrained (random init)"), ("vision", "after stage 0 (LM untrained)"), *ROWS[1:])
 FRAMES = (("own", "own frames"), ("swapped", "frames of another sequence"), ("degraded", "degraded frames"))
 DENSE = ("cover", "tool_cover", "tip", "state", "tool_state", "quadrant")
-KIND_ROWS = [("sft_grpo/direct", "SFT + GRPO, direct"), ("sft_grpo/reason", "SFT + GRPO, reasoning"),
+KIND_ROWS = [("readout/direct", "readout refit, direct"), ("readout/reason", "readout refit, reasoning"),
+             ("sft_grpo/direct", "SFT + GRPO, direct"), ("sft_grpo/reason", "SFT + GRPO, reasoning"),
              ("sft/direct", "SFT only, direct")]  # fmt: skip
 
 
@@ -42,7 +44,12 @@ def kind_table(results: dict[str, dict], keys: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def frames_table(results: dict[str, dict], model: str = "sft_grpo") -> str:
+def final_model(results: dict[str, dict]) -> str:
+    """The key of the installed model among the evaluated ones (the last stage that ran)."""
+    return next(key for key, _ in reversed(ROWS) if f"{key}/direct" in results) if results else "sft_grpo"
+
+
+def frames_table(results: dict[str, dict], model: str) -> str:
     """The final model on its own, swapped and degraded frames (direct mode)."""
     own = results.get(f"{model}/direct")
     lines = ["| frames | accuracy | change | miou | change | n |", "|---|---|---|---|---|---|"]
@@ -54,7 +61,7 @@ def frames_table(results: dict[str, dict], model: str = "sft_grpo") -> str:
     return "\n".join(lines)
 
 
-def state_table(results: dict[str, dict], model: str = "sft_grpo") -> str:
+def state_table(results: dict[str, dict], model: str) -> str:
     """State questions per instrument (``state_by_subject``), the final model in direct mode, own and swapped frames."""
     own = (results.get(f"{model}/direct") or {}).get("state_by_subject") or {}
     swapped = (results.get(f"{model}/direct/swapped") or {}).get("state_by_subject") or {}
@@ -112,6 +119,12 @@ def model_card(state: dict, spec: dict, config_path: Path, machine: str) -> str:
             f"| {name} | {trainer}{looks}{frozen} | {kinds} | {r['steps']} | "
             f"{t.get('per_device_train_batch_size')} | {t.get('learning_rate')} | {s['seconds'] / 60:.1f} |"
         )
+    readout = state.get("readout")
+    if readout:
+        r = readout["result"]
+        kinds = ", ".join(r["kinds"])
+        stages.append(f"| readout | answer rows of the output head refit | {kinds} | {r['best_step']} | "
+                      f"{r['positions']} positions | {r['lr']} | {readout['seconds'] / 60:.1f} |")  # fmt: skip
     synth = state.get("synth", {}).get("result", {})
     train, test = synth.get("train", {}), synth.get("test", {})
     return f"""# Surgery-R1 built-in model
@@ -121,7 +134,10 @@ vocabulary {init.get("vocab")}, dims {init.get("dims")}) trained from random wei
 scenes with this repository's pipeline: stage 0, vision pre-training on the renderer's dense ground truth
 (the part a real Qwen2.5-VL brings from its own pre-training: `training/vision_pretrain.py`), then the
 paper's two stages with the vision tower frozen: SFT on the Surgery-R1 mix (Visual-QA, Grounding-QA, chain
-of thought), then GRPO with format, accuracy, IoU and coherence rewards. It is the default model of
+of thought), then GRPO with format, accuracy, IoU and coherence rewards; last, with everything else frozen,
+the output head's rows of the answer labels are refit to what the last layer holds (`training/readout.py`:
+a convex fit on cached hidden states, the best step chosen on held-out training frames; the readout row's
+steps are that step). It is the default model of
 `make demo`, the ROS 2 node and the tests. **It has only ever seen synthetic frames: it is a working
 stand-in for a fine-tuned Qwen2.5-VL-3B/7B, not a surgical model.**
 
@@ -161,14 +177,14 @@ Does it read the frame? The final model, direct mode, on its own frames, on fram
 model that reads the image must get worse) and on degraded frames (JPEG quality 45, 20% darker, sensor
 noise: `training/augment.degrade`; it should not get much worse):
 
-{frames_table(results)}
+{frames_table(results, final_model(results))}
 
 State questions per instrument (final model, direct mode, its own frames and frames of another sequence).
 The prior is the accuracy of always giving the instrument's commonest true state. An instrument whose
 accuracy does not fall with another sequence's frames, or that gets one answer whatever the frame, has its
 state guessed, not read from the frame:
 
-{state_table(results)}
+{state_table(results, final_model(results))}
 
 The same question asked of each stage: teacher-forced loss on test grounding questions with each question's
 own frame and with frames shuffled between questions (`training/reliance.py`); a gap near 0 means the answers

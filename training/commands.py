@@ -1,4 +1,4 @@
-"""``surgery-r1 train sft|rft|builtin``, ``surgery-r1 eval`` and ``surgery-r1 probe``."""
+"""``surgery-r1 train sft|rft|readout|builtin``, ``surgery-r1 eval`` and ``surgery-r1 probe``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--model", help="override the config's starting model")
         p.add_argument("--max-steps", type=int, help="override trainer.max_steps")
         p.set_defaults(handler=_train, stage=stage)
+
+    readout = sub.add_parser("readout", help="refit the output head's answer rows on a model's cached hidden states")
+    readout.add_argument("--model", required=True, help="model folder (or 'builtin')")
+    readout.add_argument("--mix", type=Path, required=True, help="training mix (JSONL; surgery-r1 data mix)")
+    readout.add_argument("--out", type=Path, required=True, help="folder for the refit model")
+    readout.add_argument("--questions", type=int, default=2000, help="questions of the mix to fit on")
+    readout.add_argument("--kinds", nargs="+", default=["grounding", "vqa", "cot"], help="mix record kinds")
+    readout.add_argument("--steps", type=int, default=400)
+    readout.set_defaults(handler=_readout)
 
     builtin = sub.add_parser("builtin", help="reproduce the built-in model: synth data, SFT, GRPO, eval, model card")
     builtin.add_argument("--out", type=Path, required=True, help="folder for the finished model (written in place)")
@@ -74,6 +83,15 @@ def _train(args: argparse.Namespace) -> int:
 
         final = run_rft(config, resume=args.resume)
     print(f"model written to {final}")
+    return 0
+
+
+def _readout(args: argparse.Namespace) -> int:
+    from .readout import refit_readout
+
+    result = refit_readout(args.model, args.mix, args.out, args.questions, tuple(args.kinds), args.steps)
+    print(json.dumps(result, indent=2))
+    print(f"model written to {args.out}")
     return 0
 
 

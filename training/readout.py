@@ -1,0 +1,208 @@
+"""Readout refit: the output head's answer rows fitted to what the language model's last layer already holds.
+
+Measured on the built-in model (README, "What limits the rest"): its language model reads a frame's
+instrument states into its last hidden state, but its output head, tied to the input embeddings and trained
+by SFT's few noisy passes over each state, does not read them out. Refitting the answer rows alone, on
+frozen hidden states, raised held-out direct state accuracy from 0.346 to 0.520 (0.286 with another
+sequence's frames).
+
+This stage freezes the whole model, runs it teacher-forced over training rows (no augmentation) and keeps,
+at every completion position, the last hidden state and the target token. Then only the output head's rows
+of the answer vocabulary's tokens (``vocab.ANSWERS``: states, quadrants, organs) are fitted, with the full
+softmax over the vocabulary at every position: the rows learn to win where an answer is due and are pushed
+down everywhere else (box digits, tags, reasoning words). Every other row keeps its weights, so nothing but
+the competition between answers changes. With the rest fixed this is a convex problem on cached vectors,
+400 full-batch steps take 1.5 min on 2 CPU cores; the step kept is the best on held-out frames.
+
+The head is untied from the input embeddings first (the saved config says ``tie_word_embeddings: false``,
+as Qwen2.5-VL-7B's does); the model stays a plain ``Qwen2_5_VLForConditionalGeneration``. No library fits
+a subset of an LM head's rows on cached states, so it is written here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from surgery_r1_ros.model.prompts import IGNORE_INDEX
+from surgery_r1_ros.vocab import ANSWERS
+
+from .config import DataConfig
+from .dataset import ImageCache, SFTCollator, load_records, sft_row
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Positions:
+    """Cached completion positions: last hidden state, target token and the frame each came from."""
+
+    hidden: torch.Tensor  # positions x hidden
+    target: torch.Tensor  # positions
+    frame: torch.Tensor  # positions
+
+    def subset(self, keep: torch.Tensor) -> Positions:
+        return Positions(self.hidden[keep], self.target[keep], self.frame[keep])
+
+
+def answer_token_ids(tokenizer) -> list[int]:
+    """Every token of every answer label (the rows this stage fits)."""
+    return sorted({t for answer in ANSWERS for t in tokenizer.encode(answer, add_special_tokens=False)})
+
+
+@torch.inference_mode()
+def collect_positions(loaded, rows: list[dict], batch_size: int = 32) -> Positions:
+    """Teacher-forced pass over SFT rows; the last hidden state before every completion token."""
+    model = loaded.model
+    collate = SFTCollator(loaded.processor, ImageCache())
+    frame_ids = {path: i for i, path in enumerate(sorted({r["image_path"] for r in rows}))}
+    hidden, target, frame = [], [], []
+    for start in tqdm(range(0, len(rows), batch_size), desc="readout positions", unit="batch"):
+        batch = collate(rows[start : start + batch_size])
+        labels = batch.pop("labels")
+        out = model.model(**{k: v.to(model.device) for k, v in batch.items()})
+        states, labels = out.last_hidden_state[:, :-1].float().cpu(), labels[:, 1:]  # state t predicts token t+1
+        keep = labels != IGNORE_INDEX
+        hidden.append(states[keep])
+        target.append(labels[keep])
+        ids = torch.tensor([frame_ids[r["image_path"]] for r in rows[start : start + batch_size]])
+        frame.append(ids[:, None].expand_as(labels)[keep])
+    return Positions(torch.cat(hidden), torch.cat(target), torch.cat(frame))
+
+
+class AnswerRowsLoss:
+    """Full-softmax cross-entropy over ``positions`` as a function of the answer rows alone.
+
+    The other rows are fixed, so their log-sum-exp and, where the target is not an answer token, the target's
+    logit are computed once; a step then costs one (positions x answer rows) product.
+    """
+
+    def __init__(self, head: torch.Tensor, rows: list[int], positions: Positions, chunk: int = 8192) -> None:
+        self.head, self.rows, self.hidden = head, torch.tensor(rows), positions.hidden
+        fixed = torch.ones(head.shape[0], dtype=torch.bool)
+        fixed[self.rows] = False
+        chunks = list(zip(positions.hidden.split(chunk), positions.target.split(chunk), strict=True))
+        self.fixed_lse = torch.cat([torch.logsumexp(h @ head[fixed].T, dim=-1) for h, _ in chunks])
+        self.fixed_own = torch.cat([(h * head[t]).sum(-1) for h, t in chunks])
+        column = torch.full((head.shape[0],), -1, dtype=torch.long)
+        column[self.rows] = torch.arange(len(rows))
+        self.column = column[positions.target]  # the target's column among the answer rows, or -1
+        self.answer_column = self.column.clamp(min=0)[:, None]
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy with ``weight`` (answer rows x hidden) in the answer rows."""
+        logits = self.hidden @ weight.T
+        lse = torch.logaddexp(self.fixed_lse, torch.logsumexp(logits, dim=-1))
+        own = torch.where(self.column >= 0, logits.gather(1, self.answer_column)[:, 0], self.fixed_own)
+        return (lse - own).mean()
+
+    @torch.no_grad()
+    def answer_accuracy(self, weight: torch.Tensor) -> float:
+        """Share of positions due an answer token where that token has the highest logit of the vocabulary."""
+        due = self.column >= 0
+        full = self.head.clone()
+        full[self.rows] = weight
+        return (self.hidden[due] @ full.T).argmax(-1).eq(self.rows[self.column[due]]).float().mean().item()
+
+
+def fit_answer_rows(
+    head: torch.Tensor, rows: list[int], positions: Positions, steps: int = 400, lr: float = 1e-2, seed: int = 0
+) -> tuple[torch.Tensor, dict]:
+    """The head with its answer rows fitted; the step kept is the one with the lowest held-out loss.
+
+    A tenth of the frames is held out; full-batch Adam.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    frames = positions.frame.unique()
+    held_frames = frames[torch.randperm(len(frames), generator=generator)[: max(1, len(frames) // 10)]]
+    is_held = torch.isin(positions.frame, held_frames)
+    fit, held = (
+        AnswerRowsLoss(head, rows, positions.subset(~is_held)),
+        AnswerRowsLoss(head, rows, positions.subset(is_held)),
+    )
+    weight = nn.Parameter(head[rows].clone())
+    optimiser = torch.optim.Adam([weight], lr=lr)
+    with torch.no_grad():
+        before = held(weight).item(), held.answer_accuracy(weight)
+    best = (before[0], 0, weight.detach().clone())
+    for step in tqdm(range(1, steps + 1), desc="readout fit", unit="step"):
+        optimiser.zero_grad()
+        fit(weight).backward()
+        optimiser.step()
+        with torch.no_grad():
+            held_loss = held(weight).item()
+        if held_loss < best[0]:
+            best = (held_loss, step, weight.detach().clone())
+    fitted = head.clone()
+    fitted[rows] = best[2]
+    result = {
+        "positions": len(positions.target), "answer_rows": len(rows), "best_step": best[1],
+        "held_loss_before": round(before[0], 4), "held_loss_after": round(best[0], 4),
+        "held_answer_accuracy_before": round(before[1], 4),
+        "held_answer_accuracy_after": round(held.answer_accuracy(best[2]), 4),
+    }  # fmt: skip
+    return fitted, result
+
+
+def refit_readout(
+    model: str | Path,
+    mix: str | Path,
+    out: str | Path,
+    questions: int = 3000,
+    kinds: tuple[str, ...] = ("grounding", "vqa", "cot"),
+    steps: int = 400,
+    lr: float = 1e-2,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict:
+    """Fit ``model``'s answer rows on ``questions`` questions of the training ``mix``; save it to ``out``."""
+    from surgery_r1_ros.model import image_size, load_model, save_model
+
+    from .common import resolve_model
+
+    loaded = load_model(resolve_model(str(model)))
+    loaded.model.eval()
+    records = load_records(DataConfig(mix=str(mix), kinds=list(kinds), limit=questions, seed=seed))
+    rows = [sft_row(r, image_size(loaded.processor)) for r in records]
+    positions = collect_positions(loaded, rows, batch_size)
+    answer_rows = answer_token_ids(loaded.processor.tokenizer)
+    head = loaded.model.lm_head.weight.detach().float()
+    fitted, result = fit_answer_rows(head, answer_rows, positions, steps=steps, lr=lr, seed=seed)
+    untie_output_head(loaded.model)
+    with torch.no_grad():
+        loaded.model.lm_head.weight.copy_(fitted.to(loaded.model.lm_head.weight.dtype))
+    result = {"rows": len(rows), "questions": questions, "kinds": list(kinds), "steps": steps, "lr": lr, **result}
+    source = loaded.path
+    save_model(loaded, out, {"readout": result})
+    write_card(source, Path(out), result)
+    log.info("readout refit: %s -> %s", result, out)
+    return result
+
+
+def write_card(source: Path | None, out: Path, result: dict) -> Path:
+    """The source model's card (README.md) with a section on this refit appended."""
+    card = source / "README.md" if source else None
+    text = card.read_text(encoding="utf-8").rstrip() + "\n\n" if card and card.is_file() else ""
+    text += f"""## Readout refit (`training/readout.py`)
+The output head was untied from the input embeddings and its {result["answer_rows"]} answer-label rows refit,
+everything else frozen, on {result["positions"]} completion positions of {result["rows"]} training rows
+({", ".join(result["kinds"])}): full-batch Adam, lr {result["lr"]}, step {result["best_step"]} of {result["steps"]}
+kept (lowest loss on a tenth of the frames held out). On those held-out frames: loss {result["held_loss_before"]}
+-> {result["held_loss_after"]}, answer tokens right {result["held_answer_accuracy_before"]} ->
+{result["held_answer_accuracy_after"]}.
+"""
+    path = out / "README.md"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def untie_output_head(model) -> None:
+    """Give the model its own output head (a copy of the tied input embeddings) and say so in its config."""
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
