@@ -57,7 +57,8 @@ def answer_token_ids(tokenizer) -> list[int]:
 
 @torch.inference_mode()
 def collect_positions(loaded, rows: list[dict], batch_size: int = 32) -> Positions:
-    """Teacher-forced pass over SFT rows; the last hidden state before every completion token."""
+    """Teacher-forced pass over SFT rows; the last hidden state before every completion token (on the model's
+    device: a real Qwen2.5-VL's vocabulary makes the fit a GPU job)."""
     model = loaded.model
     collate = SFTCollator(loaded.processor, ImageCache())
     frame_ids = {path: i for i, path in enumerate(sorted({r["image_path"] for r in rows}))}
@@ -66,11 +67,11 @@ def collect_positions(loaded, rows: list[dict], batch_size: int = 32) -> Positio
         batch = collate(rows[start : start + batch_size])
         labels = batch.pop("labels")
         out = model.model(**{k: v.to(model.device) for k, v in batch.items()})
-        states, labels = out.last_hidden_state[:, :-1].float().cpu(), labels[:, 1:]  # state t predicts token t+1
+        states, labels = out.last_hidden_state[:, :-1].float(), labels[:, 1:].to(model.device)  # t predicts t+1
         keep = labels != IGNORE_INDEX
         hidden.append(states[keep])
         target.append(labels[keep])
-        ids = torch.tensor([frame_ids[r["image_path"]] for r in rows[start : start + batch_size]])
+        ids = torch.tensor([frame_ids[r["image_path"]] for r in rows[start : start + batch_size]], device=model.device)
         frame.append(ids[:, None].expand_as(labels)[keep])
     return Positions(torch.cat(hidden), torch.cat(target), torch.cat(frame))
 
@@ -79,18 +80,20 @@ class AnswerRowsLoss:
     """Full-softmax cross-entropy over ``positions`` as a function of the answer rows alone.
 
     The other rows are fixed, so their log-sum-exp and, where the target is not an answer token, the target's
-    logit are computed once; a step then costs one (positions x answer rows) product.
+    logit are computed once; a step then costs one (positions x answer rows) product. Full-vocabulary logits
+    are computed ``chunk`` positions at a time (by default 64 M logits at most).
     """
 
-    def __init__(self, head: torch.Tensor, rows: list[int], positions: Positions, chunk: int = 8192) -> None:
-        self.head, self.rows, self.hidden = head, torch.tensor(rows), positions.hidden
-        fixed = torch.ones(head.shape[0], dtype=torch.bool)
+    def __init__(self, head: torch.Tensor, rows: list[int], positions: Positions, chunk: int | None = None) -> None:
+        self.head, self.rows, self.hidden = head, torch.tensor(rows, device=head.device), positions.hidden
+        self.chunk = chunk or max(1, (1 << 26) // head.shape[0])
+        fixed = torch.ones(head.shape[0], dtype=torch.bool, device=head.device)
         fixed[self.rows] = False
-        chunks = list(zip(positions.hidden.split(chunk), positions.target.split(chunk), strict=True))
+        chunks = list(zip(positions.hidden.split(self.chunk), positions.target.split(self.chunk), strict=True))
         self.fixed_lse = torch.cat([torch.logsumexp(h @ head[fixed].T, dim=-1) for h, _ in chunks])
         self.fixed_own = torch.cat([(h * head[t]).sum(-1) for h, t in chunks])
-        column = torch.full((head.shape[0],), -1, dtype=torch.long)
-        column[self.rows] = torch.arange(len(rows))
+        column = torch.full((head.shape[0],), -1, dtype=torch.long, device=head.device)
+        column[self.rows] = torch.arange(len(rows), device=head.device)
         self.column = column[positions.target]  # the target's column among the answer rows, or -1
         self.answer_column = self.column.clamp(min=0)[:, None]
 
@@ -107,7 +110,11 @@ class AnswerRowsLoss:
         due = self.column >= 0
         full = self.head.clone()
         full[self.rows] = weight
-        return (self.hidden[due] @ full.T).argmax(-1).eq(self.rows[self.column[due]]).float().mean().item()
+        right = [
+            (h @ full.T).argmax(-1).eq(self.rows[c]).sum()
+            for h, c in zip(self.hidden[due].split(self.chunk), self.column[due].split(self.chunk), strict=True)
+        ]
+        return (sum(right) / max(1, int(due.sum()))).item() if right else 0.0
 
 
 def fit_answer_rows(
@@ -119,7 +126,9 @@ def fit_answer_rows(
     """
     generator = torch.Generator().manual_seed(seed)
     frames = positions.frame.unique()
-    held_frames = frames[torch.randperm(len(frames), generator=generator)[: max(1, len(frames) // 10)]]
+    held_frames = frames[
+        torch.randperm(len(frames), generator=generator)[: max(1, len(frames) // 10)].to(frames.device)
+    ]
     is_held = torch.isin(positions.frame, held_frames)
     fit, held = (
         AnswerRowsLoss(head, rows, positions.subset(~is_held)),
@@ -153,7 +162,7 @@ def refit_readout(
     model: str | Path,
     mix: str | Path,
     out: str | Path,
-    questions: int = 3000,
+    questions: int = 2000,
     kinds: tuple[str, ...] = ("grounding", "vqa", "cot"),
     steps: int = 400,
     lr: float = 1e-2,
