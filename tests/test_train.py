@@ -386,6 +386,10 @@ def test_model_card_shows_the_readout_refit_as_the_final_model(tmp_path):
     assert "| readout | answer rows of the output head refit | grounding, cot | 7 | 99 positions | 0.01 | 1.5 |" in card
     assert "| SFT + GRPO + readout refit | 0.700 | 0.250 |" in card
     assert "| frames of another sequence | 0.300 | -0.400 |" in card  # the final model's, not GRPO's
+    assert "output head's rows of the answer labels are refit" in card
+    del state["readout"], state["eval"]["result"]["readout/direct"], state["eval"]["result"]["readout/direct/swapped"]
+    card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
+    assert "refit" not in card and "| frames of another sequence | 0.400 | -0.100 |" in card
 
 
 # -- stage 0: vision pre-training ---------------------------------------------------------------------------------

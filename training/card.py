@@ -46,7 +46,7 @@ def kind_table(results: dict[str, dict], keys: list[tuple[str, str]]) -> str:
 
 def final_model(results: dict[str, dict]) -> str:
     """The key of the installed model among the evaluated ones (the last stage that ran)."""
-    return next(key for key, _ in reversed(ROWS) if f"{key}/direct" in results) if results else "sft_grpo"
+    return next((key for key, _ in reversed(ROWS) if f"{key}/direct" in results), "sft_grpo")
 
 
 def frames_table(results: dict[str, dict], model: str) -> str:
@@ -120,7 +120,12 @@ def model_card(state: dict, spec: dict, config_path: Path, machine: str) -> str:
             f"{t.get('per_device_train_batch_size')} | {t.get('learning_rate')} | {s['seconds'] / 60:.1f} |"
         )
     readout = state.get("readout")
+    refit = ""
     if readout:
+        refit = """; last, with everything else frozen,
+the output head's rows of the answer labels are refit to what the last layer holds (`training/readout.py`:
+a convex fit on cached hidden states, the best step chosen on held-out training frames; the readout row's
+steps are that step)"""
         r = readout["result"]
         kinds = ", ".join(r["kinds"])
         stages.append(f"| readout | answer rows of the output head refit | {kinds} | {r['best_step']} | "
@@ -134,10 +139,7 @@ vocabulary {init.get("vocab")}, dims {init.get("dims")}) trained from random wei
 scenes with this repository's pipeline: stage 0, vision pre-training on the renderer's dense ground truth
 (the part a real Qwen2.5-VL brings from its own pre-training: `training/vision_pretrain.py`), then the
 paper's two stages with the vision tower frozen: SFT on the Surgery-R1 mix (Visual-QA, Grounding-QA, chain
-of thought), then GRPO with format, accuracy, IoU and coherence rewards; last, with everything else frozen,
-the output head's rows of the answer labels are refit to what the last layer holds (`training/readout.py`:
-a convex fit on cached hidden states, the best step chosen on held-out training frames; the readout row's
-steps are that step). It is the default model of
+of thought), then GRPO with format, accuracy, IoU and coherence rewards{refit}. It is the default model of
 `make demo`, the ROS 2 node and the tests. **It has only ever seen synthetic frames: it is a working
 stand-in for a fine-tuned Qwen2.5-VL-3B/7B, not a surgical model.**
 
