@@ -244,7 +244,6 @@ class Pipeline:
         """The output head's answer rows refit on the training mix (training/readout.py)."""
         from .readout import refit_readout
 
-        spec = dict(spec)
         folder = self.work / "readout"
         result = refit_readout(model, self.mix, folder, seed=int(self.spec.get("seed", 0)), **spec)
         return {"final": str(folder), **result}

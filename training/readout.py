@@ -89,8 +89,9 @@ class AnswerRowsLoss:
         self.chunk = chunk or max(1, (1 << 26) // head.shape[0])
         fixed = torch.ones(head.shape[0], dtype=torch.bool, device=head.device)
         fixed[self.rows] = False
+        fixed_rows = head[fixed]
         chunks = list(zip(positions.hidden.split(self.chunk), positions.target.split(self.chunk), strict=True))
-        self.fixed_lse = torch.cat([torch.logsumexp(h @ head[fixed].T, dim=-1) for h, _ in chunks])
+        self.fixed_lse = torch.cat([torch.logsumexp(h @ fixed_rows.T, dim=-1) for h, _ in chunks])
         self.fixed_own = torch.cat([(h * head[t]).sum(-1) for h, t in chunks])
         column = torch.full((head.shape[0],), -1, dtype=torch.long, device=head.device)
         column[self.rows] = torch.arange(len(rows), device=head.device)
