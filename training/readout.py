@@ -64,14 +64,15 @@ def collect_positions(loaded, rows: list[dict], batch_size: int = 32) -> Positio
     frame_ids = {path: i for i, path in enumerate(sorted({r["image_path"] for r in rows}))}
     hidden, target, frame = [], [], []
     for start in tqdm(range(0, len(rows), batch_size), desc="readout positions", unit="batch"):
-        batch = collate(rows[start : start + batch_size])
+        chunk = rows[start : start + batch_size]
+        batch = collate(chunk)
         labels = batch.pop("labels")
         out = model.model(**{k: v.to(model.device) for k, v in batch.items()})
         states, labels = out.last_hidden_state[:, :-1].float(), labels[:, 1:].to(model.device)  # t predicts t+1
         keep = labels != IGNORE_INDEX
         hidden.append(states[keep])
         target.append(labels[keep])
-        ids = torch.tensor([frame_ids[r["image_path"]] for r in rows[start : start + batch_size]], device=model.device)
+        ids = torch.tensor([frame_ids[r["image_path"]] for r in chunk], device=model.device)
         frame.append(ids[:, None].expand_as(labels)[keep])
     return Positions(torch.cat(hidden), torch.cat(target), torch.cat(frame))
 
@@ -183,9 +184,7 @@ def refit_readout(
     answer_rows = answer_token_ids(loaded.processor.tokenizer)
     head = loaded.model.lm_head.weight.detach().float()
     fitted, result = fit_answer_rows(head, answer_rows, positions, steps=steps, lr=lr, seed=seed)
-    untie_output_head(loaded.model)
-    with torch.no_grad():
-        loaded.model.lm_head.weight.copy_(fitted.to(loaded.model.lm_head.weight.dtype))
+    untie_output_head(loaded.model, fitted.to(loaded.model.lm_head.weight.dtype))
     result = {"rows": len(rows), "questions": questions, "kinds": list(kinds), "steps": steps, "lr": lr, **result}
     source = loaded.path
     save_model(loaded, out, {"readout": result})
@@ -211,8 +210,8 @@ kept (lowest loss on a tenth of the frames held out). On those held-out frames: 
     return path
 
 
-def untie_output_head(model) -> None:
-    """Give the model its own output head (a copy of the tied input embeddings) and say so in its config."""
+def untie_output_head(model, weight: torch.Tensor) -> None:
+    """Give the model its own output head, ``weight``, apart from the input embeddings; say so in its config."""
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         config.tie_word_embeddings = False
-    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    model.lm_head.weight = nn.Parameter(weight)
