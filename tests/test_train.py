@@ -383,10 +383,11 @@ def test_model_card_shows_the_readout_refit_as_the_final_model(tmp_path):
                             "readout/direct/swapped": {**row, "accuracy": 0.3}}},
     }  # fmt: skip
     card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
-    assert "| readout | answer rows of the output head refit | grounding, cot | 7 | 99 positions | 0.01 | 1.5 |" in card
+    row = "| readout | answer and tag rows of the output head refit | grounding, cot | 7 | 99 positions | 0.01 | 1.5 |"
+    assert row in card
     assert "| SFT + GRPO + readout refit | 0.700 | 0.250 |" in card
     assert "| frames of another sequence | 0.300 | -0.400 |" in card  # the final model's, not GRPO's
-    assert "output head's rows of the answer labels are refit" in card
+    assert "output head's rows of the answer labels and protocol tags are refit" in card
     del state["readout"], state["eval"]["result"]["readout/direct"], state["eval"]["result"]["readout/direct/swapped"]
     card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
     assert "refit" not in card and "| frames of another sequence | 0.400 | -0.100 |" in card
@@ -597,14 +598,14 @@ def _positions(n: int, hidden: int, classes: int, seed: int = 0):
     return Positions(states, target, torch.arange(n) % 20)
 
 
-def test_answer_rows_loss_is_the_full_softmax_cross_entropy():
+def test_readout_rows_loss_is_the_full_softmax_cross_entropy():
     """Caching the fixed rows' log-sum-exp changes nothing: the loss is cross-entropy over the whole vocabulary."""
-    from surgery_r1_ros.training.readout import AnswerRowsLoss
+    from surgery_r1_ros.training.readout import ReadoutRowsLoss
 
     positions = _positions(300, 16, 12)
     head = torch.randn(40, 16)
     rows = [3, 5, 7, 11]
-    loss = AnswerRowsLoss(head, rows, positions, chunk=64)
+    loss = ReadoutRowsLoss(head, rows, positions, chunk=64)
     expected = torch.nn.functional.cross_entropy(positions.hidden @ head.T, positions.target)
     assert loss(head[rows]).item() == pytest.approx(expected.item(), rel=1e-5)
     moved = head.clone()
@@ -615,7 +616,7 @@ def test_answer_rows_loss_is_the_full_softmax_cross_entropy():
 
 def test_readout_fit_learns_the_answers_the_head_misses_and_leaves_other_rows():
     """Rows that read nothing (random) learn to name what the hidden states hold; held-out frames score it."""
-    from surgery_r1_ros.training.readout import AnswerRowsLoss, fit_answer_rows
+    from surgery_r1_ros.training.readout import ReadoutRowsLoss, fit_readout_rows
 
     positions = _positions(2000, 16, 12)
     directions = torch.zeros(12, 16)
@@ -624,20 +625,21 @@ def test_readout_fit_learns_the_answers_the_head_misses_and_leaves_other_rows():
     answers = [2, 4, 6, 8]
     head = directions.clone()
     head[answers] = torch.randn(4, 16) * 0.01
-    fitted, result = fit_answer_rows(head, answers, positions, steps=200, lr=0.05)
-    assert result["held_answer_accuracy_before"] < 0.3 < 0.95 < result["held_answer_accuracy_after"]
+    fitted, result = fit_readout_rows(head, answers, positions, steps=200, lr=0.05)
+    assert result["held_token_accuracy_before"] < 0.3 < 0.95 < result["held_token_accuracy_after"]
     assert result["held_loss_after"] < result["held_loss_before"] and result["best_step"] > 0
     others = [c for c in range(12) if c not in answers]
     assert torch.equal(fitted[others], head[others])
-    assert AnswerRowsLoss(fitted, answers, positions).answer_accuracy(fitted[answers]) > 0.95
+    assert ReadoutRowsLoss(fitted, answers, positions).token_accuracy(fitted[answers]) > 0.95
 
 
 def test_readout_refit_writes_a_plain_model_with_its_own_head(micro, tmp_path):
-    """`surgery-r1 train readout`: the saved model loads with an untied head; only answer rows changed."""
-    from surgery_r1_ros.training.readout import answer_token_ids
+    """`surgery-r1 train readout`: the saved model loads with an untied head; only answer and tag rows changed."""
+    from surgery_r1_ros.training.readout import readout_token_ids
 
     from surgery_r1_ros.cli import main
     from surgery_r1_ros.model import load_model
+    from surgery_r1_ros.model.tokenizer import TAG_TOKENS
 
     out = tmp_path / "readout"
     args = ["train", "readout", "--model", str(micro["model"]), "--mix", str(micro["mix"]), "--out", str(out)]
@@ -648,7 +650,10 @@ def test_readout_refit_writes_a_plain_model_with_its_own_head(micro, tmp_path):
     assert not after.model.config.tie_word_embeddings
     embed = after.model.model.language_model.embed_tokens.weight
     assert torch.equal(embed, before.model.model.language_model.embed_tokens.weight)
-    rows = answer_token_ids(after.processor.tokenizer)
+    tokenizer = after.processor.tokenizer
+    rows = readout_token_ids(tokenizer)
+    assert set(tokenizer.convert_tokens_to_ids(list(TAG_TOKENS))) <= set(rows)  # the tags compete with answers
+    assert not {tokenizer.convert_tokens_to_ids(d) for d in "0123456789"} & set(rows)  # box digits stay as trained
     others = torch.ones(embed.shape[0], dtype=torch.bool)
     others[rows] = False
     assert torch.equal(after.model.lm_head.weight[others], embed[others])

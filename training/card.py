@@ -123,12 +123,12 @@ def model_card(state: dict, spec: dict, config_path: Path, machine: str) -> str:
     refit = ""
     if readout:
         refit = """; last, with everything else frozen,
-the output head's rows of the answer labels are refit to what the last layer holds (`training/readout.py`:
-a convex fit on cached hidden states, the best step chosen on held-out training frames; the readout row's
-steps are that step)"""
+the output head's rows of the answer labels and protocol tags are refit to what the last layer holds
+(`training/readout.py`: a convex fit on cached hidden states, the best step chosen on held-out training
+frames; the readout row's steps are that step)"""
         r = readout["result"]
         kinds = ", ".join(r["kinds"])
-        stages.append(f"| readout | answer rows of the output head refit | {kinds} | {r['best_step']} | "
+        stages.append(f"| readout | answer and tag rows of the output head refit | {kinds} | {r['best_step']} | "
                       f"{r['positions']} positions | {r['lr']} | {readout['seconds'] / 60:.1f} |")  # fmt: skip
     synth = state.get("synth", {}).get("result", {})
     train, test = synth.get("train", {}), synth.get("test", {})
