@@ -107,12 +107,22 @@ def claim_holds(claim: PositionClaim, box: Box, size: Size) -> bool:
     return bool(ok)
 
 
+def _sentences(reasoning: str) -> list[str]:
+    return [s for s in (s.strip() for s in _SENTENCE_RE.split(reasoning)) if s]
+
+
+def names_subject(reasoning: str, subject: str) -> bool:
+    """Whether the reasoning names the instrument ``subject`` at all (reasoning about another instrument
+    makes no claim about the subject, so the coherence check cannot catch it; this can)."""
+    return any(subject in _instruments_named(sentence) for sentence in _sentences(reasoning))
+
+
 def subject_claims(reasoning: str, subject: str | None) -> list[PositionClaim]:
     """Claims about ``subject`` (an instrument name; None = the scene/organ) in the reasoning."""
     claims: list[PositionClaim] = []
     referent: str | None = None
     ambiguous = False
-    for sentence in filter(None, (s.strip() for s in _SENTENCE_RE.split(reasoning))):
+    for sentence in _sentences(reasoning):
         named = _instruments_named(sentence)
         if len(named) == 1:
             referent, ambiguous = next(iter(named)), False

@@ -7,12 +7,12 @@ keys the model card uses; ``DEFINITIONS`` states each rule and goes into every r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from surgery_r1_ros import metrics
 from surgery_r1_ros.boxes import Box, Size
-from surgery_r1_ros.coherence import subject_claims
+from surgery_r1_ros.coherence import names_subject, subject_claims
 from surgery_r1_ros.protocol import PromptMode, is_complete
 from surgery_r1_ros.vocab import ANSWERS, QuestionKind, answer_kind, canonical_answer
 
@@ -33,6 +33,10 @@ DEFINITIONS = {
     "reasoning without a box is incoherent, reasoning without a checkable claim is coherent",
     "claims_rate": "reasoning mode only: among answers with reasoning, the share making >=1 checked claim "
     "about the subject next to a box",
+    "claimed_coherence_rate": "reasoning mode only: coherence_rate over the answers counted by claims_rate "
+    "(reasoning that makes no checkable claim counts as coherent in coherence_rate; here it is left out)",
+    "subject_rate": "reasoning mode only: among instrument questions answered with reasoning, the share whose "
+    "reasoning names the instrument asked about (coherence.names_subject)",
     "accuracy_by_kind": "accuracy over the questions of each kind (organ, state, location), told by the true label",
     "state_by_subject": "state questions per instrument: n, accuracy, prior (the accuracy of always giving that "
     "instrument's commonest true state in these questions) and answers (how many different labels were given)",
@@ -68,7 +72,7 @@ class AnswerRecord:
 
 
 def score_answers(records: Sequence[AnswerRecord], mode: PromptMode) -> dict:
-    """accuracy, f_score, miou, miou_legacy, format_rate, coherence and claims rates, per-class table, confusion."""
+    """accuracy, f_score, miou, miou_legacy, format_rate, the reasoning rates, per-class table, confusion."""
     mode = PromptMode(mode)
     n = len(records)
     truth = [r.truth for r in records]
@@ -76,7 +80,8 @@ def score_answers(records: Sequence[AnswerRecord], mode: PromptMode) -> dict:
     boxed = [r for r in records if r.truth_box is not None]
     reasoning_mode = mode is PromptMode.REASON
     reasoned = [r for r in records if r.reasoning] if reasoning_mode else []
-    with_claims = sum(r.box is not None and bool(subject_claims(r.reasoning, r.subject)) for r in reasoned)
+    claimed = [r for r in reasoned if r.box is not None and subject_claims(r.reasoning, r.subject)]
+    about_instruments = [r for r in reasoned if r.subject is not None]
     return {
         "n": n,
         "mode": str(mode),
@@ -95,11 +100,20 @@ def score_answers(records: Sequence[AnswerRecord], mode: PromptMode) -> dict:
         else None,
         "format_rate": sum(r.format_ok(mode) for r in records) / n if n else 0.0,
         "n_with_reasoning": len(reasoned) if reasoning_mode else None,
-        "claims_rate": (with_claims / len(reasoned) if reasoned else 0.0) if reasoning_mode else None,
+        "claims_rate": (len(claimed) / len(reasoned) if reasoned else 0.0) if reasoning_mode else None,
+        "claimed_coherence_rate": _share(claimed, lambda r: r.coherent) if reasoning_mode else None,
+        "subject_rate": _share(about_instruments, lambda r: names_subject(r.reasoning, r.subject))
+        if reasoning_mode
+        else None,
         "per_class": [vars(row) for row in metrics.per_class(truth, predicted)],
         "confusion": confusion(truth, predicted),
         "definitions": DEFINITIONS,
     }
+
+
+def _share(records: Sequence[AnswerRecord], holds: Callable[[AnswerRecord], bool]) -> float | None:
+    """The share of ``records`` for which ``holds`` is true (None without records)."""
+    return sum(bool(holds(r)) for r in records) / len(records) if records else None
 
 
 def accuracy_by_kind(truth: Sequence[str], predicted: Sequence[str]) -> dict[str, float]:

@@ -61,7 +61,8 @@ def test_eval_with_oracle_engine_start_and_running(tmp_path: Path, monkeypatch) 
     assert m["asked"] == m["answered"] == n_questions, result.report.summary()
     assert m["accuracy"] == 1.0 and m["f_score"] == 1.0
     assert m["miou"] == pytest.approx(1.0) and m["miou_legacy"] == pytest.approx(1.0)
-    assert m["coherence_rate"] == 1.0
+    assert m["coherence_rate"] == m["claimed_coherence_rate"] == m["subject_rate"] == 1.0  # it names its subject
+    assert "names the asked instrument 1.000" in result.report.summary()
     assert m["frames_played"] == 36
     assert m["frames_received"] is not None and m["frames_received"] >= 34, m  # best effort may drop a first frame
     latency = m["latency_ms"]

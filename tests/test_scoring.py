@@ -65,8 +65,8 @@ def test_eval_and_bag_eval_report_the_same_figures(mode):
     model_card = score(ITEMS, COMPLETIONS, mode, MODEL)
     bag = _bag_report(mode).metrics()
     figures = ("n", "mode", "accuracy", "accuracy_by_kind", "f_score", "miou", "miou_legacy", "format_rate",
-               "coherence_rate", "n_with_reasoning", "claims_rate", "per_class", "confusion",
-               "state_by_subject")  # fmt: skip
+               "coherence_rate", "n_with_reasoning", "claims_rate", "claimed_coherence_rate", "subject_rate",
+               "per_class", "confusion", "state_by_subject")  # fmt: skip
     assert {k: bag[k] for k in figures} == {k: model_card[k] for k in figures}
     # and the figures are the intended ones, not merely equal
     assert model_card["accuracy"] == pytest.approx(6 / 8)  # banana and the empty completion are wrong
@@ -79,8 +79,32 @@ def test_eval_and_bag_eval_report_the_same_figures(mode):
         assert model_card["n_with_reasoning"] == 5
         assert model_card["coherence_rate"] == pytest.approx(3 / 5)
         assert model_card["claims_rate"] == pytest.approx(3 / 5)
+        assert model_card["claimed_coherence_rate"] == pytest.approx(2 / 3)  # 0 and 3 of 0, 1, 3
+        assert model_card["subject_rate"] == pytest.approx(1.0)  # every reasoning names its instrument
     else:
-        assert model_card["coherence_rate"] is None
+        assert model_card["coherence_rate"] is None and model_card["subject_rate"] is None
+
+
+def test_reasoning_about_another_instrument_is_coherent_but_not_about_the_subject():
+    """The coherence check only sees claims about the subject: reasoning about another instrument passes it.
+    ``subject_rate`` and ``claimed_coherence_rate`` show what the coherence rate alone hides."""
+    box = (20.0, 20.0, 200.0, 160.0)  # upper left of FRAME
+
+    def record(subject: str | None, reasoning: str, coherent: bool) -> AnswerRecord:
+        return AnswerRecord("left-top", box, FRAME, subject, "left-top", box, reasoning, coherent)
+
+    records = [
+        record("bipolar_forceps", "The asked-about stapler is in the lower right.", True),  # no claim on the subject
+        record("bipolar_forceps", "The bipolar forceps is in the upper left.", True),
+        record("suction", "The bipolar forceps is in the lower right. Its state is performing suction.", True),
+        record("clip_applier", "The clip applier is in the lower right.", False),  # contradicted by the box
+        record(None, "The kidney fills the lower right.", False),  # the organ: not an instrument question
+    ]
+    report = score_answers(records, PromptMode.REASON)
+    assert report["coherence_rate"] == pytest.approx(3 / 5)
+    assert report["subject_rate"] == pytest.approx(2 / 4)  # "performing suction" names the state, not the tool
+    assert report["claims_rate"] == pytest.approx(3 / 5)  # 1, 3 and the organ's claim
+    assert report["claimed_coherence_rate"] == pytest.approx(1 / 3)
 
 
 def test_state_by_subject_shows_an_instrument_answered_from_the_prior():

@@ -6,8 +6,9 @@ The model (default: the built-in one) answers every question of the split with b
 Each completion is read by ``grounding.ground`` (parse, clip, scale to the frame, coherence), the same
 function the runtime uses, and the answers are scored by ``scoring.score_answers``, the same function
 ``surgery-r1 bag eval`` uses: ``accuracy``, ``f_score``, ``miou`` (true IoU), ``miou_legacy`` (the
-Surgical-VQLA number), ``format_rate``, and in reasoning mode ``coherence_rate`` and ``claims_rate``; each
-report states the rules under ``definitions`` (``scoring.DEFINITIONS``).
+Surgical-VQLA number), ``format_rate``, and in reasoning mode ``coherence_rate``, ``claims_rate``,
+``claimed_coherence_rate`` and ``subject_rate``; each report states the rules under ``definitions``
+(``scoring.DEFINITIONS``).
 
 Writes ``report.json`` (these keys, n, definitions, timing), ``per_class.csv``, ``confusion.png`` and
 ``predictions.jsonl`` to ``--out``.
@@ -225,7 +226,7 @@ def evaluate(
 
 def summary(report: dict) -> str:
     """One line per headline metric."""
-    keys = ("n", "accuracy", "f_score", "miou_legacy", "miou", "coherence_rate", "format_rate")
+    keys = ("n", "accuracy", "f_score", "miou_legacy", "miou", "coherence_rate", "subject_rate", "format_rate")
     parts = []
     for k in keys:
         v = report.get(k)

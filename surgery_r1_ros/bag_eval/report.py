@@ -185,6 +185,9 @@ class EvalReport:
             f"  frames played {m['frames_played']}, received by the node "
             f"{m['frames_received'] if m['frames_received'] is not None else 'unknown'}",
         ]
+        if self.reasoning:
+            lines.insert(2, f"  reasoning: coherence of checkable claims {_fmt(m['claimed_coherence_rate'])}  "
+                         f"names the asked instrument {_fmt(m['subject_rate'])}")  # fmt: skip
         if m["skipped"]:
             lines.append("  not asked: " + ", ".join(f"{n} {why}" for why, n in m["skipped"].items()))
         if m["errors"]:
@@ -203,6 +206,8 @@ class EvalReport:
             ("Legacy mIoU (published metric)", _fmt(m["miou_legacy"])),
             ("Format rate", _fmt(m["format_rate"])),
             ("Coherence rate", f"{_fmt(m['coherence_rate'])} of {m['n_with_reasoning'] or 0} reasoned answers"),
+            ("Coherence of checkable claims", _fmt(m["claimed_coherence_rate"])),
+            ("Reasoning names the asked instrument", _fmt(m["subject_rate"])),
             (
                 "Node latency p50 / p95 / max (ms)",
                 f"{_fmt(lat['p50'], 1)} / {_fmt(lat['p95'], 1)} / {_fmt(lat['max'], 1)}",
