@@ -357,7 +357,7 @@ def test_model_card_tables_come_from_the_pipeline_records(tmp_path):
     }  # fmt: skip
     state["synth"] = {"seconds": 480.0, "result": {}}
     card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
-    assert "| SFT + GRPO | 0.500 | 0.250 | 0.600 | 0.300 | - | 1.000 | 10 |" in card
+    assert "| SFT + GRPO | 0.500 | 0.250 | 0.600 | 0.300 | - | - | - | 1.000 | 10 |" in card
     assert "| SFT only | 0.800 | 1.100 | +0.300 | 64 |" in card
     assert "| sft_a | sft (vision frozen) | vqa | 40 | 8 | 0.002 | 2.0 |" in card
     assert "| sft_b | sft + box attention x0.5 | vqa | 20 | 8 | 0.002 | 1.0 |" in card
@@ -383,11 +383,11 @@ def test_model_card_shows_the_readout_refit_as_the_final_model(tmp_path):
                             "readout/direct/swapped": {**row, "accuracy": 0.3}}},
     }  # fmt: skip
     card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
-    row = "| readout | answer and tag rows of the output head refit | grounding, cot | 7 | 99 positions | 0.01 | 1.5 |"
+    row = "| readout | answer, tag and name rows of the output head refit | grounding, cot | 7 | 99 positions | 0.01 |"
     assert row in card
     assert "| SFT + GRPO + readout refit | 0.700 | 0.250 |" in card
     assert "| frames of another sequence | 0.300 | -0.400 |" in card  # the final model's, not GRPO's
-    assert "output head's rows of the answer labels and protocol tags are refit" in card
+    assert "output head's rows of the answer labels, protocol tags and instrument names are refit" in card
     del state["readout"], state["eval"]["result"]["readout/direct"], state["eval"]["result"]["readout/direct/swapped"]
     card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
     assert "refit" not in card and "| frames of another sequence | 0.400 | -0.100 |" in card
@@ -634,12 +634,13 @@ def test_readout_fit_learns_the_answers_the_head_misses_and_leaves_other_rows():
 
 
 def test_readout_refit_writes_a_plain_model_with_its_own_head(micro, tmp_path):
-    """`surgery-r1 train readout`: the saved model loads with an untied head; only answer and tag rows changed."""
+    """`surgery-r1 train readout`: the saved model loads with an untied head; only answer, tag and name rows changed."""
     from surgery_r1_ros.training.readout import readout_token_ids
 
     from surgery_r1_ros.cli import main
     from surgery_r1_ros.model import load_model
     from surgery_r1_ros.model.tokenizer import TAG_TOKENS
+    from surgery_r1_ros.vocab import instrument_phrase
 
     out = tmp_path / "readout"
     args = ["train", "readout", "--model", str(micro["model"]), "--mix", str(micro["mix"]), "--out", str(out)]
@@ -653,6 +654,8 @@ def test_readout_refit_writes_a_plain_model_with_its_own_head(micro, tmp_path):
     tokenizer = after.processor.tokenizer
     rows = readout_token_ids(tokenizer)
     assert set(tokenizer.convert_tokens_to_ids(list(TAG_TOKENS))) <= set(rows)  # the tags compete with answers
+    name = tokenizer.encode(" " + instrument_phrase("bipolar_forceps"), add_special_tokens=False)
+    assert set(name) <= set(rows)  # and the instrument names that reasoning writes
     assert not {tokenizer.convert_tokens_to_ids(d) for d in "0123456789"} & set(rows)  # box digits stay as trained
     others = torch.ones(embed.shape[0], dtype=torch.bool)
     others[rows] = False

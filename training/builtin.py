@@ -11,7 +11,7 @@
 5. SFT in phases (a curriculum: short grounding/VQA targets first, then chain of thought added), the vision
    tower frozen, each phase gated on image reliance (it fails loudly when the frame stops mattering),
 6. GRPO from the SFT result,
-7. readout refit: the output head's answer and tag rows fitted to the last hidden states (``readout.py``),
+7. readout refit: the output head's answer, tag and name rows fitted to the last hidden states (``readout.py``),
 8. evaluate untrained / SFT / SFT+GRPO / readout on the test split (direct and reasoning prompts), the final
    model also with frames swapped across sequences and with degraded frames, and measure how much each stage
    relies on the image (test loss with true vs shuffled frames),
@@ -51,6 +51,8 @@ REPORTED = (
     "coherence_rate",
     "format_rate",
     "claims_rate",
+    "claimed_coherence_rate",
+    "subject_rate",
     "seconds",
 )
 
@@ -241,7 +243,7 @@ class Pipeline:
         return results
 
     def readout(self, model: str, spec: dict) -> dict:
-        """The output head's answer and tag rows refit on the training mix (training/readout.py)."""
+        """The output head's answer, tag and name rows refit on the training mix (training/readout.py)."""
         from .readout import refit_readout
 
         folder = self.work / "readout"

@@ -9,7 +9,8 @@ from surgery_r1_ros.vocab import QuestionKind
 
 from .builtin import TRAINING_STAGES
 
-COLUMNS = ("accuracy", "f_score", "miou_legacy", "miou", "coherence_rate", "format_rate")
+COLUMNS = ("accuracy", "f_score", "miou_legacy", "miou", "coherence_rate", "claimed_coherence_rate", "subject_rate",
+           "format_rate")  # fmt: skip
 ROWS = (("untrained", "untrained (random init)"), ("sft", "SFT only"), ("sft_grpo", "SFT + GRPO"),
         ("readout", "SFT + GRPO + readout refit"))  # fmt: skip
 RELIANCE_ROWS = (("untrained", "untrained (random init)"), ("vision", "after stage 0 (LM untrained)"), *ROWS[1:])
@@ -123,12 +124,12 @@ def model_card(state: dict, spec: dict, config_path: Path, machine: str) -> str:
     refit = ""
     if readout:
         refit = """; last, with everything else frozen,
-the output head's rows of the answer labels and protocol tags are refit to what the last layer holds
+the output head's rows of the answer labels, protocol tags and instrument names are refit to what the last layer holds
 (`training/readout.py`: a convex fit on cached hidden states, the best step chosen on held-out training
 frames; the readout row's steps are that step)"""
         r = readout["result"]
         kinds = ", ".join(r["kinds"])
-        stages.append(f"| readout | answer and tag rows of the output head refit | {kinds} | {r['best_step']} | "
+        stages.append(f"| readout | answer, tag and name rows of the output head refit | {kinds} | {r['best_step']} | "
                       f"{r['positions']} positions | {r['lr']} | {readout['seconds'] / 60:.1f} |")  # fmt: skip
     synth = state.get("synth", {}).get("result", {})
     train, test = synth.get("train", {}), synth.get("test", {})
@@ -195,7 +196,10 @@ come from the text prior, not from the frame. SFT stages fail when the gap is be
 {reliance_table(state.get("reliance", {}).get("result", {}))}
 
 Metric definitions: `surgery_r1_ros/scoring.py` (and `definitions` in each report.json). `miou_legacy` is the
-Surgical-VQLA score, kept for comparison with published tables; `miou` is the true IoU.
+Surgical-VQLA score, kept for comparison with published tables; `miou` is the true IoU. `coherence_rate` counts
+reasoning that makes no checkable position claim about the question's subject as coherent;
+`claimed_coherence_rate` leaves it out, and `subject_rate` is how often the reasoning names the instrument asked
+about at all.
 
 Learning curves: `vision_metrics.csv`, `sft_a_metrics.csv`, `sft_b_metrics.csv`, `rft_metrics.csv` beside the
 weights (every logged loss, reward and learning rate); `make model` also plots them to `runs/builtin/<stage>/`.

@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--max-steps", type=int, help="override trainer.max_steps")
         p.set_defaults(handler=_train, stage=stage)
 
-    readout = sub.add_parser("readout", help="refit the output head's answer and tag rows on cached hidden states")
+    readout = sub.add_parser("readout", help="refit the output head's answer, tag and name rows on cached states")
     readout.add_argument("--model", required=True, help="model folder (or 'builtin')")
     readout.add_argument("--mix", type=Path, required=True, help="training mix (JSONL; surgery-r1 data mix)")
     readout.add_argument("--out", type=Path, required=True, help="folder for the refit model")
