@@ -383,7 +383,8 @@ def test_model_card_shows_the_readout_refit_as_the_final_model(tmp_path):
                             "readout/direct/swapped": {**row, "accuracy": 0.3}}},
     }  # fmt: skip
     card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
-    row = "| readout | answer, tag and name rows of the output head refit | grounding, cot | 7 | 99 positions | 0.01 |"
+    row = ("| readout | answer, tag and name rows of the output head refit | grounding, cot | 7 | 99 positions | "
+           "0.01 | 1.5 |")  # fmt: skip
     assert row in card
     assert "| SFT + GRPO + readout refit | 0.700 | 0.250 |" in card
     assert "| frames of another sequence | 0.300 | -0.400 |" in card  # the final model's, not GRPO's
