@@ -665,3 +665,49 @@ def test_readout_refit_writes_a_plain_model_with_its_own_head(micro, tmp_path):
     assert readout["best_step"] > 0 and readout["held_loss_after"] < readout["held_loss_before"]
     assert not torch.equal(after.model.lm_head.weight[rows], embed[rows])
     assert f"step {readout['best_step']} of 20" in (out / "README.md").read_text()
+
+
+def test_own_reasoning_rows_put_the_true_answer_after_the_models_reasoning(micro, monkeypatch):
+    """The model's own reasoning (its greedy completion) is kept, its answer and box replaced by the truth;
+    a completion that never closes ``<think>`` gives no row."""
+    from surgery_r1_ros.training import evaluate
+    from surgery_r1_ros.training.dataset import model_box
+    from surgery_r1_ros.training.readout import (
+        collect_positions,
+        own_reasoning_positions,
+        own_reasoning_rows,
+        token_ids,
+    )
+
+    from surgery_r1_ros.data.mix import read_mix
+    from surgery_r1_ros.model import image_size, load_model
+    from surgery_r1_ros.model.tokenizer import TAG_TOKENS
+    from surgery_r1_ros.protocol import PromptMode, build_target
+    from surgery_r1_ros.vocab import ANSWERS
+
+    loaded = load_model(micro["model"])
+    cot = [r for r in read_mix(micro["mix"]) if r["kind"] == "cot"][:3]
+    wrong = next(a for a in ANSWERS if a != cot[0]["answer"])
+    own = [f"<think>I see it at the top left.</think><answer>{wrong}</answer><box>1,2,3,4</box>",
+           "<think>the frame shows", "<think>Something else.</think>"]  # fmt: skip
+    asked = []
+    monkeypatch.setattr(evaluate, "generate", lambda _l, items, mode, *_a, **_k: asked.append((items, mode)) or own)
+    rows = own_reasoning_rows(loaded, cot)
+    assert asked[0][1] is PromptMode.REASON and [i.image_path for i in asked[0][0]] == [r["image"] for r in cot]
+    size = image_size(loaded.processor)
+    assert [r["target"] for r in rows] == [
+        build_target(cot[0]["answer"], tuple(model_box(cot[0], size)), "I see it at the top left."),
+        build_target(cot[2]["answer"], tuple(model_box(cot[2], size)), "Something else."),
+    ]
+    assert {r["mode"] for r in rows} == {str(PromptMode.REASON)}
+    frame_ids = {r["image_path"]: 7 + i for i, r in enumerate(rows)}
+    every = collect_positions(loaded, rows, 2, frame_ids)
+    positions = own_reasoning_positions(loaded, rows, 2, frame_ids)
+    tokenizer = loaded.processor.tokenizer
+    allowed = set(token_ids(tokenizer, ANSWERS + TAG_TOKENS))
+    kept = set(positions.target.tolist())
+    assert kept <= allowed and set(every.target.tolist()) - allowed  # the reasoning's own tokens are dropped
+    assert len(positions.target) == sum(t in allowed for t in every.target.tolist())
+    answer_tokens = set(tokenizer.encode(cot[0]["answer"], add_special_tokens=False))
+    assert answer_tokens | {tokenizer.convert_tokens_to_ids("</answer>")} <= kept
+    assert set(positions.frame.tolist()) == set(frame_ids.values())  # the ids given, shared with the other rows

@@ -27,6 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     readout.add_argument("--questions", type=int, default=2000, help="questions of the mix to fit on")
     readout.add_argument("--kinds", nargs="+", default=["grounding", "vqa", "cot"], help="mix record kinds")
     readout.add_argument("--steps", type=int, default=400)
+    readout.add_argument(
+        "--own-reasoning", type=int, default=0, metavar="N",
+        help="also fit the answer and tag positions after the model's own reasoning on N reasoning questions",
+    )  # fmt: skip
     readout.set_defaults(handler=_readout)
 
     builtin = sub.add_parser("builtin", help="reproduce the built-in model: synth data, SFT, GRPO, eval, model card")
@@ -89,7 +93,9 @@ def _train(args: argparse.Namespace) -> int:
 def _readout(args: argparse.Namespace) -> int:
     from .readout import refit_readout
 
-    result = refit_readout(args.model, args.mix, args.out, args.questions, tuple(args.kinds), args.steps)
+    result = refit_readout(
+        args.model, args.mix, args.out, args.questions, tuple(args.kinds), args.steps, own_reasoning=args.own_reasoning
+    )
     print(json.dumps(result, indent=2))
     print(f"model written to {args.out}")
     return 0

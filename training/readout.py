@@ -57,22 +57,39 @@ class Positions:
     def subset(self, keep: torch.Tensor) -> Positions:
         return Positions(self.hidden[keep], self.target[keep], self.frame[keep])
 
+    def join(self, other: Positions) -> Positions:
+        return Positions(*(torch.cat(pair) for pair in zip(self.astuple(), other.astuple(), strict=True)))
+
+    def astuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.hidden, self.target, self.frame
+
+
+def token_ids(tokenizer, texts: tuple[str, ...]) -> list[int]:
+    """Every token of every text, sorted."""
+    return sorted({t for text in texts for t in tokenizer.encode(text, add_special_tokens=False)})
+
 
 def readout_token_ids(tokenizer) -> list[int]:
     """Every token of every answer label, protocol tag and instrument name as a sentence writes it (the rows this
     stage fits)."""
     names = tuple(" " + instrument_phrase(name) for name in INSTRUMENTS)
-    texts = ANSWERS + TAG_TOKENS + names
-    return sorted({t for text in texts for t in tokenizer.encode(text, add_special_tokens=False)})
+    return token_ids(tokenizer, ANSWERS + TAG_TOKENS + names)
+
+
+def frame_ids_of(rows: list[dict]) -> dict[str, int]:
+    """Frame path -> integer id (the held-out split is drawn over these)."""
+    return {path: i for i, path in enumerate(sorted({r["image_path"] for r in rows}))}
 
 
 @torch.inference_mode()
-def collect_positions(loaded, rows: list[dict], batch_size: int = 32) -> Positions:
+def collect_positions(
+    loaded, rows: list[dict], batch_size: int = 32, frame_ids: dict[str, int] | None = None
+) -> Positions:
     """Teacher-forced pass over SFT rows; the last hidden state before every completion token (on the model's
     device: a real Qwen2.5-VL's vocabulary makes the fit a GPU job)."""
     model = loaded.model
     collate = SFTCollator(loaded.processor, ImageCache())
-    frame_ids = {path: i for i, path in enumerate(sorted({r["image_path"] for r in rows}))}
+    frame_ids = frame_ids or frame_ids_of(rows)
     hidden, target, frame = [], [], []
     for start in tqdm(range(0, len(rows), batch_size), desc="readout positions", unit="batch"):
         chunk = rows[start : start + batch_size]
@@ -86,6 +103,41 @@ def collect_positions(loaded, rows: list[dict], batch_size: int = 32) -> Positio
         ids = torch.tensor([frame_ids[r["image_path"]] for r in chunk], device=model.device)
         frame.append(ids[:, None].expand_as(labels)[keep])
     return Positions(torch.cat(hidden), torch.cat(target), torch.cat(frame))
+
+
+def own_reasoning_rows(loaded, records: list[dict], batch_size: int = 16, max_new_tokens: int = 192) -> list[dict]:
+    """Reasoning rows whose reasoning is the model's own (greedy, on the record's frame), then the true answer and box.
+
+    SFT's reasoning targets are the mix's templates; at run time the answer follows the model's own reasoning,
+    which differs from them, so the hidden states the answer is read from differ too. Records whose completion
+    has no closed ``<think>`` block within ``max_new_tokens`` are left out.
+    """
+    from surgery_r1_ros.model import image_size
+    from surgery_r1_ros.protocol import PromptMode, parse_output
+
+    from .evaluate import Item, generate
+
+    records = [r for r in records if r.get("box") is not None]
+    items = [
+        Item(r["image"], tuple(r["image_size"]), r["question"], r["answer"], tuple(r["box"]), r.get("subject"))
+        for r in records
+    ]
+    completions = generate(loaded, items, PromptMode.REASON, batch_size, max_new_tokens)
+    size = image_size(loaded.processor)
+    rows = []
+    for record, text in zip(records, completions, strict=True):
+        reasoning = parse_output(text).reasoning
+        if reasoning:
+            rows.append(sft_row({**record, "reasoning": reasoning}, size))
+    return rows
+
+
+def own_reasoning_positions(loaded, rows: list[dict], batch_size: int, frame_ids: dict[str, int]) -> Positions:
+    """``rows``' positions due an answer-label or protocol-tag token; the reasoning positions are left out (the
+    model wrote those tokens itself: fitting them would teach it nothing)."""
+    positions = collect_positions(loaded, rows, batch_size, frame_ids)
+    due = torch.tensor(token_ids(loaded.processor.tokenizer, ANSWERS + TAG_TOKENS), device=positions.target.device)
+    return positions.subset(torch.isin(positions.target, due))
 
 
 class ReadoutRowsLoss:
@@ -181,8 +233,12 @@ def refit_readout(
     lr: float = 1e-2,
     seed: int = 0,
     batch_size: int = 32,
+    own_reasoning: int = 0,
+    reasoning_tokens: int = 192,
 ) -> dict:
-    """Fit ``model``'s readout rows on ``questions`` questions of the training ``mix``; save it to ``out``."""
+    """Fit ``model``'s readout rows on ``questions`` questions of the training ``mix`` and, with ``own_reasoning``,
+    on that many reasoning questions answered after the model's own reasoning (at most ``reasoning_tokens`` long,
+    as in evaluation); save it to ``out``."""
     from surgery_r1_ros.model import image_size, load_model, save_model
 
     from .common import resolve_model
@@ -191,12 +247,23 @@ def refit_readout(
     loaded.model.eval()
     records = load_records(DataConfig(mix=str(mix), kinds=list(kinds), limit=questions, seed=seed))
     rows = [sft_row(r, image_size(loaded.processor)) for r in records]
-    positions = collect_positions(loaded, rows, batch_size)
+    own_rows = []
+    if own_reasoning:
+        cot = load_records(DataConfig(mix=str(mix), kinds=["cot"], limit=own_reasoning, seed=seed + 1))
+        own_rows = own_reasoning_rows(loaded, cot, max_new_tokens=reasoning_tokens)
+        log.info("own reasoning: %d of %d completions closed their <think> block", len(own_rows), len(cot))
+    frame_ids = frame_ids_of(rows + own_rows)
+    positions = collect_positions(loaded, rows, batch_size, frame_ids)
+    if own_rows:
+        positions = positions.join(own_reasoning_positions(loaded, own_rows, batch_size, frame_ids))
     readout_rows = readout_token_ids(loaded.processor.tokenizer)
     head = loaded.model.lm_head.weight.detach().float()
     fitted, result = fit_readout_rows(head, readout_rows, positions, steps=steps, lr=lr, seed=seed)
     untie_output_head(loaded.model, fitted.to(loaded.model.lm_head.weight.dtype))
-    result = {"rows": len(rows), "questions": questions, "kinds": list(kinds), "steps": steps, "lr": lr, **result}
+    result = {
+        "rows": len(rows), "questions": questions, "kinds": list(kinds), "own_reasoning_rows": len(own_rows),
+        "steps": steps, "lr": lr, **result,
+    }  # fmt: skip
     source = loaded.path
     save_model(loaded, out, {"readout": result})
     write_card(source, Path(out), result)
@@ -208,13 +275,15 @@ def write_card(source: Path | None, out: Path, result: dict) -> Path:
     """The source model's card (README.md) with a section on this refit appended."""
     card = source / "README.md" if source else None
     text = card.read_text(encoding="utf-8").rstrip() + "\n\n" if card and card.is_file() else ""
+    own = result.get("own_reasoning_rows", 0)
+    own_text = f" and the answer and tag positions of {own} rows with the model's own reasoning" if own else ""
     text += f"""## Readout refit (`training/readout.py`)
 The output head was untied from the input embeddings and the {result["rows_fitted"]} rows of its answer labels',
 protocol tags' and instrument names' tokens refit, everything else frozen, on {result["positions"]} completion
-positions of {result["rows"]} training rows ({", ".join(result["kinds"])}): full-batch Adam, lr {result["lr"]},
-step {result["best_step"]} of {result["steps"]} kept (lowest loss on a tenth of the frames held out). On those
-held-out frames: loss {result["held_loss_before"]} -> {result["held_loss_after"]}, those tokens written right
-{result["held_token_accuracy_before"]} -> {result["held_token_accuracy_after"]}.
+positions of {result["rows"]} training rows ({", ".join(result["kinds"])}){own_text}: full-batch Adam,
+lr {result["lr"]}, step {result["best_step"]} of {result["steps"]} kept (lowest loss on a tenth of the frames held
+out). On those held-out frames: loss {result["held_loss_before"]} -> {result["held_loss_after"]}, those tokens
+written right {result["held_token_accuracy_before"]} -> {result["held_token_accuracy_after"]}.
 """
     path = out / "README.md"
     path.write_text(text, encoding="utf-8")
