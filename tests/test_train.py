@@ -711,3 +711,18 @@ def test_own_reasoning_rows_put_the_true_answer_after_the_models_reasoning(micro
     answer_tokens = set(tokenizer.encode(cot[0]["answer"], add_special_tokens=False))
     assert answer_tokens | {tokenizer.convert_tokens_to_ids("</answer>")} <= kept
     assert set(positions.frame.tolist()) == set(frame_ids.values())  # the ids given, shared with the other rows
+
+
+def test_readout_refit_with_own_reasoning_fits_on_more_positions(micro, tmp_path, monkeypatch):
+    """``own_reasoning``: the rows with the model's own reasoning add their answer and tag positions to the fit."""
+    from surgery_r1_ros.training import evaluate
+    from surgery_r1_ros.training.readout import refit_readout
+
+    monkeypatch.setattr(evaluate, "generate", lambda _l, items, *_a, **_k: ["<think>It is there.</think>"] * len(items))
+    plain = refit_readout(micro["model"], micro["mix"], tmp_path / "plain", questions=4, steps=5)
+    own = refit_readout(micro["model"], micro["mix"], tmp_path / "own", questions=4, steps=5, own_reasoning=3)
+    assert plain["own_reasoning_rows"] == 0 and own["own_reasoning_rows"] == 3
+    # each own row adds <think>, </think>, <answer>, the answer's tokens, </answer>, <box> and </box> at least
+    assert own["positions"] >= plain["positions"] + 3 * 7
+    card = (tmp_path / "own" / "README.md").read_text()
+    assert "answer and tag positions of 3 rows with the model's own reasoning" in card

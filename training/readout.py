@@ -250,7 +250,7 @@ def refit_readout(
     own_rows = []
     if own_reasoning:
         cot = load_records(DataConfig(mix=str(mix), kinds=["cot"], limit=own_reasoning, seed=seed + 1))
-        own_rows = own_reasoning_rows(loaded, cot, max_new_tokens=reasoning_tokens)
+        own_rows = own_reasoning_rows(loaded, cot, batch_size, reasoning_tokens)
         log.info("own reasoning: %d of %d completions closed their <think> block", len(own_rows), len(cot))
     frame_ids = frame_ids_of(rows + own_rows)
     positions = collect_positions(loaded, rows, batch_size, frame_ids)
