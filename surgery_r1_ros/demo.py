@@ -3,7 +3,7 @@
 1. writes a synthetic stereo endoscope bag (``bag synth``) to a temporary folder;
 2. starts the ROS 2 node (``surgery_r1_node``) with the built-in model, on a random DDS domain with the
    shared-memory transport only, so nothing leaves this machine;
-3. replays the bag into it and asks a handful of the bag's ground-truth questions at their stamps
+3. replays the bag into it and asks the bag's ground-truth questions (all 26 by default) at their stamps
    through ``~/ask`` (``bag eval --pace pause``), printing each answer with its reasoning, box and latency;
 4. writes the annotated frames and the evaluation report (JSON, Markdown, PNG sheet) to ``reports/demo``;
 5. stops everything it started and checks that no process and no Fast DDS shared-memory file is left.
@@ -28,7 +28,7 @@ BUDGET_S = 300.0
 class DemoOptions:
     out: Path = DEFAULT_OUT
     seconds: float = 3.0
-    questions: int = 6
+    questions: int = 26  # every question of the default 3 s bag
     size: tuple[int, int] = (640, 512)
     seed: int = 7
     model: str | None = None
@@ -61,7 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"report folder (default {DEFAULT_OUT})")
     demo.add_argument("--seconds", type=float, default=3.0, help="length of the generated bag (default 3)")
-    demo.add_argument("--questions", type=int, default=6, help="how many questions to ask (default 6)")
+    demo.add_argument(
+        "--questions", type=int, default=26, help="how many questions to ask (default 26: all of the default bag's)"
+    )
     demo.add_argument("--size", default="640x512", help="frame size WxH (default 640x512; the dVRK is 1280x1024)")
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--model", default=None, help="model folder (default: the built-in model)")
