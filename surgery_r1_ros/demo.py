@@ -3,7 +3,7 @@
 1. writes a synthetic stereo endoscope bag (``bag synth``) to a temporary folder;
 2. starts the ROS 2 node (``surgery_r1_node``) with the built-in model, on a random DDS domain with the
    shared-memory transport only, so nothing leaves this machine;
-3. replays the bag into it and asks the bag's ground-truth questions (all 26 by default) at their stamps
+3. replays the bag into it and asks the bag's ground-truth questions (all of them by default) at their stamps
    through ``~/ask`` (``bag eval --pace pause``), printing each answer with its reasoning, box and latency;
 4. writes the annotated frames and the evaluation report (JSON, Markdown, PNG sheet) to ``reports/demo``;
 5. stops everything it started and checks that no process and no Fast DDS shared-memory file is left.
@@ -28,7 +28,7 @@ BUDGET_S = 300.0
 class DemoOptions:
     out: Path = DEFAULT_OUT
     seconds: float = 3.0
-    questions: int = 26  # every question of the default 3 s bag
+    questions: int | None = None  # None: every question of the bag (26 in the default 3 s bag)
     size: tuple[int, int] = (640, 512)
     seed: int = 7
     model: str | None = None
@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"report folder (default {DEFAULT_OUT})")
     demo.add_argument("--seconds", type=float, default=3.0, help="length of the generated bag (default 3)")
     demo.add_argument(
-        "--questions", type=int, default=26, help="how many questions to ask (default 26: all of the default bag's)"
+        "--questions", type=int, default=None, help="how many questions to ask (default: all of the bag's, 26 in 3 s)"
     )
     demo.add_argument("--size", default="640x512", help="frame size WxH (default 640x512; the dVRK is 1280x1024)")
     demo.add_argument("--seed", type=int, default=7)
@@ -171,7 +171,8 @@ def run_demo(options: DemoOptions | None = None) -> DemoResult:
             f"\n== 2/4 starting surgery_r1_node ({options.model or 'built-in model'}) on a private DDS domain "
             "(shared memory only) and waiting for ~/ask"
         )
-        print(f"== 3/4 replaying the bag and asking {options.questions} questions at their stamps")
+        asked = options.questions or made.question_count
+        print(f"== 3/4 replaying the bag and asking {asked} questions at their stamps")
         result = run_eval(
             bag,
             out,
@@ -181,9 +182,9 @@ def run_demo(options: DemoOptions | None = None) -> DemoResult:
                 pace="pause",
                 reasoning=options.reasoning,
                 max_questions=options.questions,
-                sheet=max(options.questions, 1),
+                sheet=max(asked, 1),
                 frames_dir=out / "frames",
-                frames_limit=options.questions,
+                frames_limit=asked,
                 startup_timeout_s=options.startup_timeout_s,
                 timeout_s=options.timeout_s,
                 on_answer=_print_answer,

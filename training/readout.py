@@ -65,10 +65,11 @@ class Positions:
         return Positions(self.hidden[keep], self.target[keep], self.frame[keep])
 
     def join(self, other: Positions) -> Positions:
-        return Positions(*(torch.cat(pair) for pair in zip(self.astuple(), other.astuple(), strict=True)))
-
-    def astuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.hidden, self.target, self.frame
+        return Positions(
+            torch.cat([self.hidden, other.hidden]),
+            torch.cat([self.target, other.target]),
+            torch.cat([self.frame, other.frame]),
+        )
 
 
 def token_ids(tokenizer, texts: tuple[str, ...]) -> list[int]:
