@@ -12,7 +12,7 @@
    tower frozen, each phase gated on image reliance (it fails loudly when the frame stops mattering),
 6. GRPO from the SFT result,
 7. readout refit: the output head's answer, tag and name rows fitted to the last hidden states (``readout.py``),
-8. evaluate untrained / SFT / SFT+GRPO / readout on the test split (direct and reasoning prompts), the final
+8. evaluate untrained (direct only) / SFT / SFT+GRPO / readout on the test split (direct and reasoning), the final
    model also with frames swapped across sequences and with degraded frames, and measure how much each stage
    relies on the image (test loss with true vs shuffled frames),
 9. install the final weights in ``--out`` in place and write its model card.
@@ -218,12 +218,14 @@ class Pipeline:
         return build_mix(load_vqla(self.test_data, "all"), seed=int(self.spec.get("seed", 0)))
 
     def evaluate(self, models: dict[str, str], final: str) -> dict:
-        """Every model in both modes on the test split; ``final`` also on swapped and degraded frames (direct)."""
+        """Every model in both modes on the test split (the untrained one in direct mode only: a random-init model
+        never closes a tag, so its reasoning measures nothing); ``final`` also on swapped and degraded frames."""
         from .evaluate import FRAME_VARIANTS, evaluate, summary
 
         spec = self.spec.get("eval", {})
         results: dict[str, Any] = {}
-        runs = [(label, folder, reasoning, "own") for label, folder in models.items() for reasoning in (False, True)]
+        runs = [(label, folder, reasoning, "own") for label, folder in models.items()
+                for reasoning in ((False,) if label == "untrained" else (False, True))]  # fmt: skip
         runs += [(final, models[final], False, variant) for variant in FRAME_VARIANTS if variant != "own"]
         for label, folder, reasoning, frames in runs:
             mode = "reason" if reasoning else "direct"
