@@ -89,3 +89,24 @@ def test_eval_command_on_a_tiny_split(tiny_vqla, tmp_path):
         assert (out / "confusion.png").is_file() and (out / "per_class.csv").is_file()
         assert len((out / "predictions.jsonl").read_text().splitlines()) == 6
     assert json.loads((tmp_path / "reason" / "report.json").read_text())["mode"] == "reason"
+
+
+def test_generate_encodes_each_frame_once_and_answers_as_if_it_encoded_every_prompt(tiny_vqla):
+    from unittest import mock
+
+    from surgery_r1_ros.training import evaluate
+
+    from surgery_r1_ros.model import load_model
+
+    loaded = load_model(None)  # the built-in model: its answers depend on the frame
+    items = evaluate.items_of(tiny_vqla, "all")  # 11 questions about 4 frames
+    frames_encoded = []
+    loaded.model.model.visual.register_forward_hook(lambda _m, args, kw, _o: frames_encoded.append(len(kw["grid_thw"])),
+                                                    with_kwargs=True)  # fmt: skip
+    once = evaluate.generate(loaded, items, PromptMode.REASON, batch_size=8, max_new_tokens=48)
+    assert sum(frames_encoded) == len({item.image_path for item in items}) == 4
+    frames_encoded.clear()
+    with mock.patch.object(evaluate, "encode_frames_once", lambda _model, batch, _keys: batch):
+        every = evaluate.generate(loaded, items, PromptMode.REASON, batch_size=8, max_new_tokens=48)
+    assert sum(frames_encoded) == len(items)
+    assert once == every
