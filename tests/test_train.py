@@ -350,6 +350,8 @@ def test_model_card_tables_come_from_the_pipeline_records(tmp_path):
                                                "before": {"cover_acc": 0.1, "pos_mae": 0.3}, "after": dense}},
         "sft_a": {"seconds": 120.0, "result": {"steps": 40, "config": {**config, "freeze_vision": True}}},
         "sft_b": {"seconds": 60.0, "result": {"steps": 20, "config": {**config, "box_attention": 0.5}}},
+        "rft": {"seconds": 30.0, "result": {"steps": 7, "stopped_by_time": 7, "config": {
+            **config, "stage": "rft", "trainer": {**trainer, "max_steps": 9}}}},
         "eval": {"result": {"sft_grpo/direct": {**row, "accuracy_by_kind": {"organ": 1.0, "location": 0.5},
                                                 "state_by_subject": by_subject},
                             "sft_grpo/direct/swapped": swapped}},
@@ -367,7 +369,8 @@ def test_model_card_tables_come_from_the_pipeline_records(tmp_path):
     assert "| SFT + GRPO, direct | 1.000 | - | 0.500 |" in card  # organ, state, location
     assert "| frames of another sequence | 0.200 | -0.300 | 0.100 | -0.200 | 10 |" in card
     assert "| stapler | 6 | 0.500 | 0.250 | 0.667 | 1 |" in card
-    assert "12.0 min on test-machine" in card
+    assert "| rft | rft | vqa | 7 of 9, stopped by its time budget | 8 | 0.002 | 0.5 |" in card
+    assert "12.5 min on test-machine" in card
 
 
 def test_model_card_shows_the_readout_refit_as_the_final_model(tmp_path):

@@ -116,8 +116,11 @@ def model_card(state: dict, spec: dict, config_path: Path, machine: str) -> str:
         frozen = " (vision frozen)" if cfg.get("freeze_vision") else ""
         frozen = " (vision frozen but its merger)" if cfg.get("train_merger") else frozen
         looks = f" + box attention x{cfg['box_attention']}" if cfg.get("box_attention") else ""
+        steps = r["steps"]
+        if r.get("stopped_by_time"):
+            steps = f"{steps} of {t.get('max_steps')}, stopped by its time budget"
         stages.append(
-            f"| {name} | {trainer}{looks}{frozen} | {kinds} | {r['steps']} | "
+            f"| {name} | {trainer}{looks}{frozen} | {kinds} | {steps} | "
             f"{t.get('per_device_train_batch_size')} | {t.get('learning_rate')} | {s['seconds'] / 60:.1f} |"
         )
     readout = state.get("readout")
