@@ -1,4 +1,4 @@
-"""Evaluation speed: the vision tower once per frame of a batch (``evaluate.encode_frames_once``) or once per question.
+"""Evaluation speed: the vision tower once per frame of a batch (``generate(share_frames=True)``) or per question.
 
     .venv/bin/python benchmarks/bench_eval.py --data runs/builtin/data/test   # the pipeline's held-out split
 
@@ -14,7 +14,6 @@ import json
 import platform
 import time
 from pathlib import Path
-from unittest import mock
 
 from surgery_r1_ros.training import evaluate
 
@@ -26,13 +25,8 @@ RESULTS = Path(__file__).parent / "results" / "eval_frames_once.json"
 
 def timed_completions(loaded, items, mode: PromptMode, batch_size: int, once: bool) -> tuple[float, list[str]]:
     """Seconds for ``generate`` over ``items`` and its completions, the tower run once per frame or per question."""
-    per_question = mock.patch.object(evaluate, "encode_frames_once", lambda _model, batch, _keys: batch)
     start = time.perf_counter()
-    if once:
-        completions = evaluate.generate(loaded, items, mode, batch_size)
-    else:
-        with per_question:
-            completions = evaluate.generate(loaded, items, mode, batch_size)
+    completions = evaluate.generate(loaded, items, mode, batch_size, share_frames=once)
     return time.perf_counter() - start, completions
 
 

@@ -138,11 +138,14 @@ def generate(
     batch_size: int = 16,
     max_new_tokens: int | None = None,
     frames: str = "own",
+    share_frames: bool = True,
 ):
     """Greedy completions for every item, batched; frames are decoded once and reused across questions.
 
     ``frames``: ``own`` (the question's frame), ``swapped`` (a frame of another sequence: a model that reads
     the image must get worse) or ``degraded`` (``augment.degrade``: it should not get much worse).
+    ``share_frames``: the vision tower runs once per frame of a batch (``encode_frames_once``); False runs it
+    once per question, as ``model.generate`` alone does (for comparison: same completions, slower).
     """
     if frames not in FRAME_VARIANTS:
         raise ValueError(f"frames must be one of {', '.join(FRAME_VARIANTS)}, got {frames!r}")
@@ -180,7 +183,8 @@ def generate(
         batch = encode_prompt(processor, images, [items[i].question for i in idx], [mode] * len(idx))
         batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
         with torch.inference_mode():
-            batch = encode_frames_once(model, batch, [items[i].image_path for i in idx])
+            if share_frames:
+                batch = encode_frames_once(model, batch, [items[i].image_path for i in idx])
             out = model.generate(**batch, max_new_tokens=limit, do_sample=False)
         new = out[:, batch["input_ids"].shape[1] :]
         for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
