@@ -729,3 +729,75 @@ def test_readout_refit_with_own_reasoning_fits_on_more_positions(micro, tmp_path
     assert own["positions"] >= plain["positions"] + 3 * 7
     card = (tmp_path / "own" / "README.md").read_text()
     assert "answer and tag positions of 3 rows with the model's own reasoning" in card
+
+
+# -- last-layer refit ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_layer_model(micro, tmp_path_factory) -> Path:
+    """The micro model with two decoder layers (the cache must hold the last one's input, not the embeddings)."""
+    from surgery_r1_ros.data.mix import read_mix
+    from surgery_r1_ros.model import build_builtin, save_model
+
+    records = read_mix(micro["mix"])
+    texts = [r["question"] for r in records] + [r["reasoning"] for r in records if r["reasoning"]]
+    dims = {**MICRO_DIMS, "num_hidden_layers": 2}
+    return save_model(build_builtin(texts, seed=1, **dims), tmp_path_factory.mktemp("two_layer") / "model")
+
+
+def _cached_micro_rows(loaded, micro, questions: int):
+    from surgery_r1_ros.training.dataset import load_records, sft_row
+    from surgery_r1_ros.training.last_layer import cache_rows
+
+    from surgery_r1_ros.model import image_size
+
+    records = load_records(from_dict({"stage": "sft", "model": "x", "output_dir": "x",
+                                      "data": {"mix": str(micro["mix"]), "kinds": ["grounding", "vqa", "cot"],
+                                               "limit": questions}}).data)  # fmt: skip
+    rows = [sft_row(r, image_size(loaded.processor)) for r in records]
+    return rows, cache_rows(loaded, rows, batch_size=5)
+
+
+def test_last_layer_loss_on_cached_inputs_is_the_models_own_loss(micro, two_layer_model):
+    """Queries, attention output and MLP at the completion positions only, over cached inputs: the same
+    cross-entropy as the model's full forward, also after the last layer's weights move."""
+    from surgery_r1_ros.training.dataset import ImageCache, SFTCollator
+    from surgery_r1_ros.training.last_layer import batch_loss, language_model
+
+    from surgery_r1_ros.model import load_model
+
+    loaded = load_model(two_layer_model)
+    loaded.model.eval()
+    rows, cached = _cached_micro_rows(loaded, micro, 6)
+    ordered = sorted(rows, key=lambda r: r["image_path"])  # the cache's order
+    batch = SFTCollator(loaded.processor, ImageCache())(ordered)
+    every = list(range(len(rows)))
+    with torch.no_grad():
+        full = loaded.model(**batch).loss.item()
+        assert batch_loss(loaded.model, cached, every).item() == pytest.approx(full, rel=1e-5)
+        for p in language_model(loaded.model).layers[-1].parameters():  # a trained layer, not the init's
+            p.add_(0.05 * torch.randn_like(p))
+        moved = loaded.model(**batch).loss.item()
+        assert batch_loss(loaded.model, cached, every).item() == pytest.approx(moved, rel=1e-5)
+        language_model(loaded.model).layers[0].mlp.down_proj.weight.add_(1.0)  # below the cache: no effect on it
+        assert batch_loss(loaded.model, cached, every).item() == pytest.approx(moved, rel=1e-5)
+
+
+def test_last_layer_refit_lowers_held_out_loss_and_changes_only_the_last_layer(micro, two_layer_model, tmp_path):
+    """`surgery-r1 train last-layer`: a plain model whose last decoder layer and final norm alone moved."""
+    from surgery_r1_ros.training.last_layer import language_model
+
+    from surgery_r1_ros.cli import main
+    from surgery_r1_ros.model import load_model
+
+    out = tmp_path / "last_layer"
+    args = ["train", "last-layer", "--model", str(two_layer_model), "--mix", str(micro["mix"]), "--out", str(out)]
+    assert main([*args, "--questions", "12", "--epochs", "6", "--lr", "3e-3"]) == 0
+    result = json.loads((out / "surgery_r1.json").read_text())["last_layer"]
+    assert result["best_step"] > 0 and result["held_loss_after"] < result["held_loss_before"]
+    before, after = load_model(two_layer_model).model, load_model(out).model
+    lm = language_model(after)
+    trained = {id(p) for p in [*lm.layers[-1].parameters(), *lm.norm.parameters()]}
+    for (name, new), old in zip(after.named_parameters(), before.parameters(), strict=True):
+        assert torch.equal(new, old) == (id(new) not in trained), name

@@ -1,4 +1,4 @@
-"""``surgery-r1 train sft|rft|readout|builtin``, ``surgery-r1 eval`` and ``surgery-r1 probe``."""
+"""``surgery-r1 train sft|rft|readout|last-layer|builtin``, ``surgery-r1 eval`` and ``surgery-r1 probe``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also fit the answer and tag positions after the model's own reasoning on N reasoning questions",
     )  # fmt: skip
     readout.set_defaults(handler=_readout)
+
+    last = sub.add_parser("last-layer", help="train the language model's last layer on cached inputs (rest frozen)")
+    last.add_argument("--model", required=True, help="model folder (or 'builtin')")
+    last.add_argument("--mix", type=Path, required=True, help="training mix (JSONL; surgery-r1 data mix)")
+    last.add_argument("--out", type=Path, required=True, help="folder for the refit model")
+    last.add_argument("--questions", type=int, default=4000, help="questions of the mix to fit on")
+    last.add_argument("--kinds", nargs="+", default=["grounding", "vqa", "cot"], help="mix record kinds")
+    last.add_argument("--epochs", type=int, default=4)
+    last.add_argument("--lr", type=float, default=3e-4)
+    last.set_defaults(handler=_last_layer)
 
     builtin = sub.add_parser("builtin", help="reproduce the built-in model: synth data, SFT, GRPO, eval, model card")
     builtin.add_argument("--out", type=Path, required=True, help="folder for the finished model (written in place)")
@@ -97,6 +107,15 @@ def _readout(args: argparse.Namespace) -> int:
         args.model, args.mix, args.out, args.questions, tuple(args.kinds), args.steps, own_reasoning=args.own_reasoning
     )
     print(json.dumps(result, indent=2))
+    print(f"model written to {args.out}")
+    return 0
+
+
+def _last_layer(args: argparse.Namespace) -> int:
+    from .last_layer import refit_last_layer
+
+    result = refit_last_layer(args.model, args.mix, args.out, args.questions, tuple(args.kinds), args.epochs, args.lr)
+    print(json.dumps({k: v for k, v in result.items() if k != "trace"}, indent=2))
     print(f"model written to {args.out}")
     return 0
 
