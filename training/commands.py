@@ -21,11 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.set_defaults(handler=_train, stage=stage)
 
     readout = sub.add_parser("readout", help="refit the output head's answer, tag and name rows on cached states")
-    readout.add_argument("--model", required=True, help="model folder (or 'builtin')")
-    readout.add_argument("--mix", type=Path, required=True, help="training mix (JSONL; surgery-r1 data mix)")
-    readout.add_argument("--out", type=Path, required=True, help="folder for the refit model")
-    readout.add_argument("--questions", type=int, default=2000, help="questions of the mix to fit on")
-    readout.add_argument("--kinds", nargs="+", default=["grounding", "vqa", "cot"], help="mix record kinds")
+    _refit_arguments(readout, questions=2000)
     readout.add_argument("--steps", type=int, default=400)
     readout.add_argument(
         "--own-reasoning", type=int, default=0, metavar="N",
@@ -34,11 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     readout.set_defaults(handler=_readout)
 
     last = sub.add_parser("last-layer", help="train the language model's last layer on cached inputs (rest frozen)")
-    last.add_argument("--model", required=True, help="model folder (or 'builtin')")
-    last.add_argument("--mix", type=Path, required=True, help="training mix (JSONL; surgery-r1 data mix)")
-    last.add_argument("--out", type=Path, required=True, help="folder for the refit model")
-    last.add_argument("--questions", type=int, default=4000, help="questions of the mix to fit on")
-    last.add_argument("--kinds", nargs="+", default=["grounding", "vqa", "cot"], help="mix record kinds")
+    _refit_arguments(last, questions=4000)
     last.add_argument("--epochs", type=int, default=4)
     last.add_argument("--lr", type=float, default=3e-4)
     last.set_defaults(handler=_last_layer)
@@ -73,6 +65,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     probe.add_argument("--steps", type=int, default=3000)
     probe.add_argument("--out", type=Path, default=None, help="write the result here as JSON")
     probe.set_defaults(handler=_probe)
+
+
+def _refit_arguments(parser: argparse.ArgumentParser, questions: int) -> None:
+    """The model, mix, output and rows of a refit on the training mix (readout, last-layer)."""
+    parser.add_argument("--model", required=True, help="model folder (or 'builtin')")
+    parser.add_argument("--mix", type=Path, required=True, help="training mix (JSONL; surgery-r1 data mix)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the refit model")
+    parser.add_argument("--questions", type=int, default=questions, help="questions of the mix to fit on")
+    parser.add_argument("--kinds", nargs="+", default=["grounding", "vqa", "cot"], help="mix record kinds")
 
 
 def _train(args: argparse.Namespace) -> int:
