@@ -801,3 +801,43 @@ def test_last_layer_refit_lowers_held_out_loss_and_changes_only_the_last_layer(m
     trained = {id(p) for p in [*lm.layers[-1].parameters(), *lm.norm.parameters()]}
     for (name, new), old in zip(after.named_parameters(), before.parameters(), strict=True):
         assert torch.equal(new, old) == (id(new) not in trained), name
+
+
+def test_box_positions_run_from_after_the_open_tag_to_the_close_tag():
+    from surgery_r1_ros.training.last_layer import box_positions
+
+    open_, close = 5, 6
+    targets = torch.tensor([1, 2, open_, 3, 4, 3, close, 9, open_, 4, close])
+    expected = [0, 0, 0, 1, 1, 1, 1, 0, 0, 1, 1]
+    assert box_positions(targets, (open_, close)).long().tolist() == expected
+    assert box_positions(targets[None], (open_, close)).long().tolist() == [expected]  # batched rows
+
+
+def test_kept_boxes_score_box_positions_against_the_models_own_distribution(micro, two_layer_model):
+    """With ``box_teacher`` the loss is the label's cross-entropy off the box and the model's own entropy on it
+    (its minimum there: the boxes GRPO shaped are kept, not refit to the label)."""
+    from surgery_r1_ros.training.dataset import ImageCache, SFTCollator
+    from surgery_r1_ros.training.last_layer import batch_loss, box_positions, box_teacher
+
+    from surgery_r1_ros.model import load_model
+    from surgery_r1_ros.model.prompts import IGNORE_INDEX
+
+    loaded = load_model(two_layer_model)
+    loaded.model.eval()
+    rows, cached = _cached_micro_rows(loaded, micro, 6)
+    tags = tuple(loaded.processor.tokenizer.convert_tokens_to_ids(["<box>", "</box>"]))
+    kept = box_teacher(loaded.model, cached, tags)
+    batch = SFTCollator(loaded.processor, ImageCache())(sorted(rows, key=lambda r: r["image_path"]))
+    with torch.no_grad():
+        log_probs = loaded.model(**batch).logits[:, :-1].log_softmax(-1)
+    targets = batch["labels"][:, 1:]
+    due = targets != IGNORE_INDEX
+    inside = due & box_positions(torch.where(due, targets, -1), tags)
+    assert inside.sum() >= len(rows)  # grounding and reasoning rows have boxes
+    label_ce = -log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    expected = torch.where(inside, entropy, label_ce)[due].mean().item()
+    every = list(range(len(rows)))
+    with torch.no_grad():
+        assert batch_loss(loaded.model, kept, every).item() == pytest.approx(expected, rel=1e-4)
+        assert batch_loss(loaded.model, cached, every).item() == pytest.approx(label_ce[due].mean().item(), rel=1e-4)
