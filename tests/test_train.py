@@ -397,6 +397,48 @@ def test_model_card_shows_the_readout_refit_as_the_final_model(tmp_path):
     assert "refit" not in card and "| frames of another sequence | 0.400 | -0.100 |" in card
 
 
+def test_model_card_shows_the_last_layer_refit_as_the_final_model(tmp_path):
+    from surgery_r1_ros.training.card import model_card
+
+    row = {"n": 10, "accuracy": 0.5, "f_score": 0.25, "miou_legacy": 0.6, "miou": 0.3, "coherence_rate": None,
+           "format_rate": 1.0}  # fmt: skip
+    refit = {"kinds": ["grounding", "cot"], "best_step": 30, "steps": 40, "rows": 120, "lr": 3e-4,
+             "keep_boxes": True}  # fmt: skip
+    state = {
+        "last_layer": {"seconds": 600.0, "result": refit},
+        "eval": {"result": {"readout/direct": row, "readout/direct/swapped": {**row, "accuracy": 0.4},
+                            "last_layer/direct": {**row, "accuracy": 0.7, "accuracy_by_kind": {"state": 0.6}},
+                            "last_layer/direct/swapped": {**row, "accuracy": 0.3}}},
+    }  # fmt: skip
+    card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
+    assert ("| last_layer | last decoder layer + final norm (SFT loss, cached inputs) | grounding, cot | 30 of 40 | "
+            "120 rows | 0.0003 | 10.0 |") in card  # fmt: skip
+    assert "| + last-layer refit | 0.700 | 0.250 |" in card and "| SFT + GRPO + readout refit | 0.500 |" in card
+    assert "| last-layer refit, direct | - | 0.600 | - |" in card
+    assert "| frames of another sequence | 0.300 | -0.400 |" in card  # the final model's, not the readout's
+    assert "box positions held to the model's own box distribution" in card
+
+
+def test_pipeline_installs_the_model_of_the_last_refit_that_ran(micro, two_layer_model, tmp_path):
+    from surgery_r1_ros.training.builtin import Pipeline
+
+    from surgery_r1_ros.model import load_model
+
+    p = Pipeline(tmp_path / "out", tmp_path / "work", {}, resume=False)
+    stages = ("synth", "mix", "sft_b", "rft", "readout")
+    p.state = {stage: {"result": {"final": str(micro["model"])}} for stage in stages}
+    p.state["last_layer"] = {"result": {"final": str(two_layer_model)}}
+    p.install()
+    installed = load_model(tmp_path / "out")
+    assert installed.model.config.text_config.num_hidden_layers == 2  # the last-layer refit's model
+    info = json.loads((tmp_path / "out" / "surgery_r1.json").read_text())
+    assert info["pipeline"].endswith("(synth -> mix -> SFT -> GRPO -> readout -> last layer)")
+    del p.state["last_layer"]
+    p.install()
+    assert load_model(tmp_path / "out").model.config.text_config.num_hidden_layers == 1
+    assert json.loads((tmp_path / "out" / "surgery_r1.json").read_text())["pipeline"].endswith("-> readout)")
+
+
 # -- stage 0: vision pre-training ---------------------------------------------------------------------------------
 
 
@@ -796,6 +838,7 @@ def test_last_layer_refit_lowers_held_out_loss_and_changes_only_the_last_layer(m
     assert main([*args, "--questions", "12", "--epochs", "6", "--lr", "3e-3"]) == 0
     result = json.loads((out / "surgery_r1.json").read_text())["last_layer"]
     assert result["best_step"] > 0 and result["held_loss_after"] < result["held_loss_before"]
+    assert result["keep_boxes"]  # the default: box positions held to the model's own distribution
     before, after = load_model(two_layer_model).model, load_model(out).model
     lm = language_model(after)
     trained = {id(p) for p in [*lm.layers[-1].parameters(), *lm.norm.parameters()]}

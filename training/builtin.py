@@ -12,7 +12,8 @@
    tower frozen, each phase gated on image reliance (it fails loudly when the frame stops mattering),
 6. GRPO from the SFT result,
 7. readout refit: the output head's answer, tag and name rows fitted to the last hidden states (``readout.py``),
-8. evaluate untrained (direct only) / SFT / SFT+GRPO / readout on the test split (direct and reasoning), the final
+   then, where the config has a ``last_layer`` block, the language model's last layer refit (``last_layer.py``),
+8. evaluate untrained (direct only) / SFT / SFT+GRPO / the refits on the test split (direct and reasoning), the final
    model also with frames swapped across sequences and with degraded frames, and measure how much each stage
    relies on the image (test loss with true vs shuffled frames),
 9. install the final weights in ``--out`` in place and write its model card.
@@ -58,6 +59,9 @@ REPORTED = (
 
 
 TRAINING_STAGES = ("vision", "sft_a", "sft_b", "rft")
+FINAL_STAGES = ("rft", "readout", "last_layer")  # the stages whose model is installed, the last that ran
+PIPELINE_STEPS = {"synth": "synth", "mix": "mix", "vision": "vision pre-training", "sft_b": "SFT", "rft": "GRPO",
+                  "readout": "readout", "last_layer": "last layer"}  # fmt: skip
 
 
 class TimeBudget(TrainerCallback):
@@ -252,6 +256,14 @@ class Pipeline:
         result = refit_readout(model, self.mix, folder, seed=int(self.spec.get("seed", 0)), **spec)
         return {"final": str(folder), **result}
 
+    def last_layer(self, model: str, spec: dict) -> dict:
+        """The language model's last decoder layer refit on cached inputs (training/last_layer.py)."""
+        from .last_layer import refit_last_layer
+
+        folder = self.work / "last_layer"
+        result = refit_last_layer(model, self.mix, folder, seed=int(self.spec.get("seed", 0)), **spec)
+        return {"final": str(folder), **{k: v for k, v in result.items() if k != "trace"}}
+
     def reliance(self, models: dict[str, str]) -> dict:
         """Teacher-forced loss on the test split with true vs shuffled frames (training/reliance.py)."""
         from .reliance import image_reliance
@@ -262,12 +274,13 @@ class Pipeline:
     def install(self) -> dict:
         from surgery_r1_ros.model import load_model, save_model
 
-        final = self.state["readout" if "readout" in self.state else "rft"]["result"]["final"]
-        loaded = load_model(final)
+        last = [stage for stage in FINAL_STAGES if stage in self.state][-1]
+        loaded = load_model(self.state[last]["result"]["final"])
+        steps = [label for stage, label in PIPELINE_STEPS.items() if stage in self.state]
         info = {
             "trained": True,
             "kind": "builtin",
-            "pipeline": "surgery-r1 train builtin (synth -> mix -> vision pre-training -> SFT -> GRPO -> readout)",
+            "pipeline": "surgery-r1 train builtin (" + " -> ".join(steps) + ")",
             "metrics": self.state.get("eval", {}).get("result", {}),
         }
         save_model(loaded, self.out, info)
@@ -306,6 +319,9 @@ def run_builtin(out: str | Path, work: str | Path, config: str = "builtin_pipeli
     answering = {"untrained": init["folder"], "sft": sft_final, "sft_grpo": rft["final"]}
     if "readout" in spec:
         answering["readout"] = p.stage("readout", lambda: p.readout(rft["final"], spec["readout"]))["final"]
+    if "last_layer" in spec:
+        start = list(answering.values())[-1]
+        answering["last_layer"] = p.stage("last_layer", lambda: p.last_layer(start, spec["last_layer"]))["final"]
     final = list(answering)[-1]
     p.stage("eval", lambda: p.evaluate(answering, final=final))
     p.stage("reliance", lambda: p.reliance({**models, **answering}))

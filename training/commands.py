@@ -33,6 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _refit_arguments(last, questions=4000)
     last.add_argument("--epochs", type=int, default=4)
     last.add_argument("--lr", type=float, default=3e-4)
+    last.add_argument(
+        "--label-boxes", action="store_true",
+        help="fit box positions to the label boxes (default: to the model's own box distribution)",
+    )  # fmt: skip
     last.set_defaults(handler=_last_layer)
 
     builtin = sub.add_parser("builtin", help="reproduce the built-in model: synth data, SFT, GRPO, eval, model card")
@@ -115,7 +119,10 @@ def _readout(args: argparse.Namespace) -> int:
 def _last_layer(args: argparse.Namespace) -> int:
     from .last_layer import refit_last_layer
 
-    result = refit_last_layer(args.model, args.mix, args.out, args.questions, tuple(args.kinds), args.epochs, args.lr)
+    result = refit_last_layer(
+        args.model, args.mix, args.out, args.questions, tuple(args.kinds), args.epochs, args.lr,
+        keep_boxes=not args.label_boxes,
+    )  # fmt: skip
     print(json.dumps({k: v for k, v in result.items() if k != "trace"}, indent=2))
     print(f"model written to {args.out}")
     return 0
