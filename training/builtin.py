@@ -262,7 +262,7 @@ class Pipeline:
 
         folder = self.work / "last_layer"
         result = refit_last_layer(model, self.mix, folder, seed=int(self.spec.get("seed", 0)), **spec)
-        return {"final": str(folder), **{k: v for k, v in result.items() if k != "trace"}}
+        return {"final": str(folder), **result}
 
     def reliance(self, models: dict[str, str]) -> dict:
         """Teacher-forced loss on the test split with true vs shuffled frames (training/reliance.py)."""

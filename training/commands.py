@@ -123,7 +123,7 @@ def _last_layer(args: argparse.Namespace) -> int:
         args.model, args.mix, args.out, args.questions, tuple(args.kinds), args.epochs, args.lr,
         keep_boxes=not args.label_boxes,
     )  # fmt: skip
-    print(json.dumps({k: v for k, v in result.items() if k != "trace"}, indent=2))
+    print(json.dumps(result, indent=2))
     print(f"model written to {args.out}")
     return 0
 

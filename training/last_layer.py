@@ -298,7 +298,8 @@ def refit_last_layer(
     batch_size: int = 32,
     keep_boxes: bool = True,
 ) -> dict:
-    """Refit ``model``'s last decoder layer on ``questions`` questions of the training ``mix``; save to ``out``.
+    """Refit ``model``'s last decoder layer on ``questions`` questions of the training ``mix``; save to ``out``;
+    returns what the model's metadata records (settings, steps, held-out loss before and after).
     ``keep_boxes``: box positions learn the model's own distribution, not the label (``box_teacher``)."""
     from surgery_r1_ros.model import image_size, load_model, save_model
 
@@ -312,9 +313,10 @@ def refit_last_layer(
     if keep_boxes:
         tags = tuple(loaded.processor.tokenizer.convert_tokens_to_ids(["<box>", "</box>"]))
         cached = box_teacher(loaded.model, cached, tags)
-    result = fit_last_layer(loaded.model, cached, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    fit = fit_last_layer(loaded.model, cached, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    fit.pop("trace")  # the per-step losses stay out of the model's metadata and the stage records
     result = {"questions": questions, "kinds": list(kinds), "epochs": epochs, "lr": lr, "keep_boxes": keep_boxes,
-              **result}  # fmt: skip
-    save_model(loaded, out, {"last_layer": {k: v for k, v in result.items() if k != "trace"}})
-    log.info("last-layer refit: %s -> %s", {k: v for k, v in result.items() if k != "trace"}, out)
+              **fit}  # fmt: skip
+    save_model(loaded, out, {"last_layer": result})
+    log.info("last-layer refit: %s -> %s", result, out)
     return result
