@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from surgery_r1_ros.training.config import RFT_REQUIRED, find_config, from_dict, load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,8 +97,29 @@ def test_shipped_configs_load(name):
         assert config.lora is not None and config.trainer["bf16"] and config.trainer["activation_checkpointing"]
 
 
-def test_pipeline_configs_exist():
-    assert find_config("builtin_pipeline").is_file() and find_config("builtin_micro").is_file()
+def test_pipeline_configs_exist_and_pass_the_spec_check():
+    from surgery_r1_ros.training.builtin import check_spec
+
+    for name in ("builtin_pipeline", "builtin_micro"):
+        path = find_config(name)
+        check_spec(yaml.safe_load(path.read_text()), str(path))
+
+
+@pytest.mark.parametrize(
+    ("block", "key", "allowed"),
+    [("last_layer", "question", "questions"), ("readout", "own_reasonning", "own_reasoning"),
+     ("eval", "batchsize", "batch_size"), ("sft_b", "freeze_vison", "freeze_vision"), ("rft", "reward", "rewards")],
+)  # fmt: skip
+def test_a_mistyped_pipeline_key_fails_before_any_stage_runs(tmp_path, block, key, allowed):
+    from surgery_r1_ros.training.builtin import run_builtin
+
+    spec = yaml.safe_load(find_config("builtin_micro").read_text())
+    spec[block] = {**spec[block], key: 1}
+    config = tmp_path / "typo.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match=rf"{block}.*unknown key\(s\) {key};.*{allowed}"):
+        run_builtin(tmp_path / "out", tmp_path / "work", str(config))
+    assert not (tmp_path / "work").exists()
 
 
 def test_rft_config_must_set_grpo_knobs(micro, tmp_path):

@@ -188,14 +188,7 @@ class Pipeline:
         spec = dict(spec)
         folder, resume, timer = self._stage_folder(name, spec)
         min_gap = spec.pop("min_reliance_gap", None)
-        raw = {
-            "stage": stage,
-            "model": model,
-            "output_dir": str(folder),
-            "data": {"mix": str(self.mix), **(spec.pop("data", None) or {})},
-            **spec,
-        }
-        config = from_dict(raw, source=f"builtin_pipeline:{name}")
+        config = stage_config(name, stage, model, folder, self.mix, spec)
         if stage == "sft":
             from .sft import run_sft
 
@@ -293,6 +286,41 @@ class Pipeline:
         return {"out": str(self.out)}
 
 
+def stage_config(name: str, stage: str, model: str, folder: Path, mix: Path, spec: dict):
+    """A training stage's ``RunConfig`` from its pipeline block (without the pipeline-only keys)."""
+    raw = {"stage": stage, "model": model, "output_dir": str(folder), **spec,
+           "data": {"mix": str(mix), **(spec.get("data") or {})}}  # fmt: skip
+    return from_dict(raw, source=f"builtin_pipeline:{name}")
+
+
+# The YAML keys each block may hold besides those a called function declares (checked before any stage runs).
+TOP_LEVEL = {"seed", "synth", "model", "vision", "sft_a", "sft_b", "rft", "last_layer", "readout", "eval"}
+EVAL_KEYS = {"batch_size", "reason_max_new_tokens", "reason_limit", "untrained_max_new_tokens"}
+PIPELINE_ONLY = {"time_budget_minutes", "min_reliance_gap"}
+
+
+def check_spec(spec: dict[str, Any], source: str) -> None:
+    """Fail on a mistyped or misplaced key before the first stage, not when its stage starts an hour later."""
+    import inspect
+
+    from .config import _known
+    from .last_layer import refit_last_layer
+    from .readout import refit_readout
+
+    def arguments(fn) -> set[str]:
+        return set(inspect.signature(fn).parameters) - {"model", "mix", "out", "seed"}
+
+    _known(source, spec, TOP_LEVEL)
+    _known(f"{source} eval", spec.get("eval") or {}, EVAL_KEYS)
+    _known(f"{source} vision", spec.get("vision") or {}, {"time_budget_minutes", "trainer"})
+    for block, fn in (("last_layer", refit_last_layer), ("readout", refit_readout)):
+        _known(f"{source} {block}", spec.get(block) or {}, arguments(fn))
+    for name, stage in (("sft_a", "sft"), ("sft_b", "sft"), ("rft", "rft")):
+        if name in spec:
+            block = {k: v for k, v in spec[name].items() if k not in PIPELINE_ONLY}
+            stage_config(name, stage, "<start model>", Path("<work>") / name, Path("<mix>"), block)
+
+
 def _last_state(folder: Path) -> dict:
     states = sorted(folder.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1]))
     return json.loads(states[-1].read_text()) if states else {}
@@ -302,6 +330,7 @@ def run_builtin(out: str | Path, work: str | Path, config: str = "builtin_pipeli
     """Run every stage; returns the model card path."""
     path = find_config(config)
     spec = yaml.safe_load(path.read_text())
+    check_spec(spec, str(path))
     p = Pipeline(Path(out), Path(work), spec, resume)
     p.stage("synth", p.synth)
     p.stage("mix", p.write_mix)
