@@ -419,35 +419,36 @@ def test_model_card_shows_the_readout_refit_as_the_final_model(tmp_path):
     assert "refit" not in card and "| frames of another sequence | 0.400 | -0.100 |" in card
 
 
-def test_model_card_shows_the_last_layer_refit_before_the_readout_refit(tmp_path):
+def test_model_card_shows_the_readout_refit_before_the_last_layer_refit(tmp_path):
     from surgery_r1_ros.training.card import model_card
 
     row = {"n": 10, "accuracy": 0.5, "f_score": 0.25, "miou_legacy": 0.6, "miou": 0.3, "coherence_rate": None,
            "format_rate": 1.0}  # fmt: skip
+    readout = {"kinds": ["grounding"], "best_step": 7, "positions": 99, "lr": 0.01}
+    state = {
+        "readout": {"seconds": 90.0, "result": readout},
+        "eval": {"result": {"sft_grpo/direct": row, "sft_grpo/direct/swapped": {**row, "accuracy": 0.4},
+                            "readout/direct": {**row, "accuracy": 0.7, "accuracy_by_kind": {"state": 0.6}},
+                            "readout/direct/swapped": {**row, "accuracy": 0.3}}},
+    }  # fmt: skip
+    card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
+    assert "| readout | answer, tag and name rows of the output head refit | grounding | 7 | 99 positions |" in card
+    assert "| SFT + GRPO | 0.500 | 0.250 |" in card and "| + readout refit | 0.700 | 0.250 |" in card
+    assert "| readout refit, direct | - | 0.600 | - |" in card
+    assert "| frames of another sequence | 0.300 | -0.400 |" in card  # the final model's, not GRPO's
     refit = {"kinds": ["grounding", "cot"], "best_step": 30, "steps": 40, "rows": 120, "lr": 3e-4,
              "keep_boxes": True}  # fmt: skip
-    state = {
-        "last_layer": {"seconds": 600.0, "result": refit},
-        "eval": {"result": {"sft_grpo/direct": row, "sft_grpo/direct/swapped": {**row, "accuracy": 0.4},
-                            "last_layer/direct": {**row, "accuracy": 0.7, "accuracy_by_kind": {"state": 0.6}},
-                            "last_layer/direct/swapped": {**row, "accuracy": 0.3}}},
-    }  # fmt: skip
+    state["last_layer"] = {"seconds": 600.0, "result": refit}
+    state["eval"]["result"].update({"last_layer/direct": {**row, "accuracy": 0.8},
+                                    "last_layer/direct/swapped": {**row, "accuracy": 0.2}})  # fmt: skip
     card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
     stage_row = ("| last_layer | last decoder layer + final norm (SFT loss, cached inputs) | grounding, cot | "
                  "30 of 40 | 120 rows | 0.0003 | 10.0 |")  # fmt: skip
     assert stage_row in card and "box positions held to the model's own box distribution" in card
-    assert "| SFT + GRPO | 0.500 | 0.250 |" in card and "| + last-layer refit | 0.700 | 0.250 |" in card
-    assert "| last-layer refit, direct | - | 0.600 | - |" in card
-    assert "| frames of another sequence | 0.300 | -0.400 |" in card  # the final model's, not GRPO's
-    readout = {"kinds": ["grounding"], "best_step": 7, "positions": 99, "lr": 0.01}
-    state["readout"] = {"seconds": 90.0, "result": readout}
-    state["eval"]["result"].update({"readout/direct": {**row, "accuracy": 0.8},
-                                    "readout/direct/swapped": {**row, "accuracy": 0.2}})  # fmt: skip
-    card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
-    assert card.index("| last_layer |") < card.index("| readout |")  # the stages in the order they ran
-    assert card.index("last decoder layer and final norm are trained") < card.index("output head's rows")
-    assert card.index("| + last-layer refit | 0.700 |") < card.index("| + readout refit | 0.800 |")
-    assert "| frames of another sequence | 0.200 | -0.600 |" in card  # now the readout refit's
+    assert card.index("| readout |") < card.index("| last_layer |")  # the stages in the order they ran
+    assert card.index("output head's rows") < card.index("last decoder layer and final norm are trained")
+    assert card.index("| + readout refit | 0.700 |") < card.index("| + last-layer refit | 0.800 |")
+    assert "| frames of another sequence | 0.200 | -0.600 |" in card  # now the last-layer refit's
 
 
 def test_pipeline_installs_the_model_of_the_last_refit_that_ran(micro, two_layer_model, tmp_path):
@@ -457,16 +458,16 @@ def test_pipeline_installs_the_model_of_the_last_refit_that_ran(micro, two_layer
 
     p = Pipeline(tmp_path / "out", tmp_path / "work", {}, resume=False)
     p.state = {stage: {"result": {"final": str(micro["model"])}} for stage in ("synth", "mix", "sft_b", "rft")}
-    p.state["last_layer"] = {"result": {"final": str(two_layer_model)}}
+    p.state["readout"] = {"result": {"final": str(two_layer_model)}}
     p.install()
     installed = load_model(tmp_path / "out")
-    assert installed.model.config.text_config.num_hidden_layers == 2  # the last-layer refit's model
+    assert installed.model.config.text_config.num_hidden_layers == 2  # the readout refit's model
     info = json.loads((tmp_path / "out" / "surgery_r1.json").read_text())
-    assert info["pipeline"].endswith("(synth -> mix -> SFT -> GRPO -> last layer)")
-    p.state["readout"] = {"result": {"final": str(micro["model"])}}
+    assert info["pipeline"].endswith("(synth -> mix -> SFT -> GRPO -> readout)")
+    p.state["last_layer"] = {"result": {"final": str(micro["model"])}}
     p.install()
-    assert load_model(tmp_path / "out").model.config.text_config.num_hidden_layers == 1  # the readout refit's
-    assert json.loads((tmp_path / "out" / "surgery_r1.json").read_text())["pipeline"].endswith("-> readout)")
+    assert load_model(tmp_path / "out").model.config.text_config.num_hidden_layers == 1  # the last-layer refit's
+    assert json.loads((tmp_path / "out" / "surgery_r1.json").read_text())["pipeline"].endswith("-> last layer)")
 
 
 # -- stage 0: vision pre-training ---------------------------------------------------------------------------------

@@ -11,8 +11,8 @@
 5. SFT in phases (a curriculum: short grounding/VQA targets first, then chain of thought added), the vision
    tower frozen, each phase gated on image reliance (it fails loudly when the frame stops mattering),
 6. GRPO from the SFT result,
-7. where the config has a ``last_layer`` block, the language model's last layer refit (``last_layer.py``), then the
-   readout refit: the output head's answer, tag and name rows fitted to the last hidden states (``readout.py``),
+7. the readout refit: the output head's answer, tag and name rows fitted to the last hidden states (``readout.py``),
+   then, where the config has a ``last_layer`` block, the language model's last layer refit (``last_layer.py``),
 8. evaluate untrained (direct only) / SFT / SFT+GRPO / the refits on the test split (direct and reasoning), the final
    model also with frames swapped across sequences and with degraded frames, and measure how much each stage
    relies on the image (test loss with true vs shuffled frames),
@@ -59,9 +59,9 @@ REPORTED = (
 
 
 TRAINING_STAGES = ("vision", "sft_a", "sft_b", "rft")
-FINAL_STAGES = ("rft", "last_layer", "readout")  # the stages whose model is installed, the last that ran
+FINAL_STAGES = ("rft", "readout", "last_layer")  # the stages whose model is installed, the last that ran
 PIPELINE_STEPS = {"synth": "synth", "mix": "mix", "vision": "vision pre-training", "sft_b": "SFT", "rft": "GRPO",
-                  "last_layer": "last layer", "readout": "readout"}  # fmt: skip
+                  "readout": "readout", "last_layer": "last layer"}  # fmt: skip
 
 
 class TimeBudget(TrainerCallback):
@@ -346,11 +346,11 @@ def run_builtin(out: str | Path, work: str | Path, config: str = "builtin_pipeli
     sft_final = model
     rft = p.stage("rft", lambda: p.train("rft", "rft", sft_final, spec["rft"]))
     answering = {"untrained": init["folder"], "sft": sft_final, "sft_grpo": rft["final"]}
-    if "last_layer" in spec:
-        answering["last_layer"] = p.stage("last_layer", lambda: p.last_layer(rft["final"], spec["last_layer"]))["final"]
-    if "readout" in spec:  # after the last-layer refit: the head's rows are fitted to the layer that feeds them
+    if "readout" in spec:
+        answering["readout"] = p.stage("readout", lambda: p.readout(rft["final"], spec["readout"]))["final"]
+    if "last_layer" in spec:  # after the readout refit: the layer learns to feed the refit rows (README: measured)
         start = list(answering.values())[-1]
-        answering["readout"] = p.stage("readout", lambda: p.readout(start, spec["readout"]))["final"]
+        answering["last_layer"] = p.stage("last_layer", lambda: p.last_layer(start, spec["last_layer"]))["final"]
     final = list(answering)[-1]
     p.stage("eval", lambda: p.evaluate(answering, final=final))
     p.stage("reliance", lambda: p.reliance({**models, **answering}))

@@ -13,12 +13,12 @@ COLUMNS = ("accuracy", "f_score", "miou_legacy", "miou", "coherence_rate", "clai
            "format_rate")  # fmt: skip
 # Each row after SFT + GRPO adds its stage to the row above (the stages that ran, in pipeline order).
 ROWS = (("untrained", "untrained (random init)"), ("sft", "SFT only"), ("sft_grpo", "SFT + GRPO"),
-        ("last_layer", "+ last-layer refit"), ("readout", "+ readout refit"))  # fmt: skip
+        ("readout", "+ readout refit"), ("last_layer", "+ last-layer refit"))  # fmt: skip
 RELIANCE_ROWS = (("untrained", "untrained (random init)"), ("vision", "after stage 0 (LM untrained)"), *ROWS[1:])
 FRAMES = (("own", "own frames"), ("swapped", "frames of another sequence"), ("degraded", "degraded frames"))
 DENSE = ("cover", "tool_cover", "tip", "state", "tool_state", "quadrant")
-KIND_ROWS = [("readout/direct", "readout refit, direct"), ("readout/reason", "readout refit, reasoning"),
-             ("last_layer/direct", "last-layer refit, direct"), ("last_layer/reason", "last-layer refit, reasoning"),
+KIND_ROWS = [("last_layer/direct", "last-layer refit, direct"), ("last_layer/reason", "last-layer refit, reasoning"),
+             ("readout/direct", "readout refit, direct"), ("readout/reason", "readout refit, reasoning"),
              ("sft_grpo/direct", "SFT + GRPO, direct"), ("sft_grpo/reason", "SFT + GRPO, reasoning"),
              ("sft/direct", "SFT only, direct")]  # fmt: skip
 
@@ -126,16 +126,6 @@ def model_card(state: dict, spec: dict, config_path: Path, machine: str) -> str:
             f"{t.get('per_device_train_batch_size')} | {t.get('learning_rate')} | {s['seconds'] / 60:.1f} |"
         )
     refit = ""
-    last_layer = state.get("last_layer")
-    if last_layer:
-        r = last_layer["result"]
-        boxes = "held to the model's own box distribution" if r["keep_boxes"] else "fitted to the label boxes"
-        refit += f"""; then the language model's last decoder layer and final norm are trained on the mix with
-everything below frozen, on cached inputs of that layer, box positions {boxes}
-(`training/last_layer.py`; the step kept is the one with the lowest loss on held-out training frames)"""
-        stages.append(f"| last_layer | last decoder layer + final norm (SFT loss, cached inputs) | "
-                      f"{', '.join(r['kinds'])} | {r['best_step']} of {r['steps']} | {r['rows']} rows | {r['lr']} | "
-                      f"{last_layer['seconds'] / 60:.1f} |")  # fmt: skip
     readout = state.get("readout")
     if readout:
         refit += """; then, with everything else frozen,
@@ -146,6 +136,16 @@ frames; the readout row's steps are that step)"""
         kinds = ", ".join(r["kinds"])
         stages.append(f"| readout | answer, tag and name rows of the output head refit | {kinds} | {r['best_step']} | "
                       f"{r['positions']} positions | {r['lr']} | {readout['seconds'] / 60:.1f} |")  # fmt: skip
+    last_layer = state.get("last_layer")
+    if last_layer:
+        r = last_layer["result"]
+        boxes = "held to the model's own box distribution" if r["keep_boxes"] else "fitted to the label boxes"
+        refit += f"""; then the language model's last decoder layer and final norm are trained on the mix with
+everything else frozen, on cached inputs of that layer, box positions {boxes}
+(`training/last_layer.py`; the step kept is the one with the lowest loss on held-out training frames)"""
+        stages.append(f"| last_layer | last decoder layer + final norm (SFT loss, cached inputs) | "
+                      f"{', '.join(r['kinds'])} | {r['best_step']} of {r['steps']} | {r['rows']} rows | {r['lr']} | "
+                      f"{last_layer['seconds'] / 60:.1f} |")  # fmt: skip
     synth = state.get("synth", {}).get("result", {})
     train, test = synth.get("train", {}), synth.get("test", {})
     return f"""# Surgery-R1 built-in model
