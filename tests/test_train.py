@@ -449,6 +449,14 @@ def test_model_card_shows_the_readout_refit_before_the_last_layer_refit(tmp_path
     assert card.index("output head's rows") < card.index("last decoder layer and final norm are trained")
     assert card.index("| + readout refit | 0.700 |") < card.index("| + last-layer refit | 0.800 |")
     assert "| frames of another sequence | 0.200 | -0.600 |" in card  # now the last-layer refit's
+    state["readout_again"] = {"seconds": 60.0, "result": {**readout, "best_step": 5}}
+    state["eval"]["result"].update({"readout_again/direct": {**row, "accuracy": 0.9},
+                                    "readout_again/direct/swapped": {**row, "accuracy": 0.1}})  # fmt: skip
+    card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
+    again_row = "| readout_again | answer, tag and name rows of the output head refit | grounding | 5 | 99 positions |"
+    assert card.index("| last_layer |") < card.index(again_row)
+    assert card.index("| + last-layer refit | 0.800 |") < card.index("| + readout refit again | 0.900 |")
+    assert "| frames of another sequence | 0.100 | -0.800 |" in card  # the final model: the second readout refit's
 
 
 def test_pipeline_installs_the_model_of_the_last_refit_that_ran(micro, two_layer_model, tmp_path):
@@ -468,6 +476,11 @@ def test_pipeline_installs_the_model_of_the_last_refit_that_ran(micro, two_layer
     p.install()
     assert load_model(tmp_path / "out").model.config.text_config.num_hidden_layers == 1  # the last-layer refit's
     assert json.loads((tmp_path / "out" / "surgery_r1.json").read_text())["pipeline"].endswith("-> last layer)")
+    p.state["readout_again"] = {"result": {"final": str(two_layer_model)}}
+    p.install()
+    assert load_model(tmp_path / "out").model.config.text_config.num_hidden_layers == 2  # the second readout's
+    info = json.loads((tmp_path / "out" / "surgery_r1.json").read_text())
+    assert info["pipeline"].endswith("GRPO -> readout -> last layer -> readout)")
 
 
 # -- stage 0: vision pre-training ---------------------------------------------------------------------------------

@@ -12,7 +12,8 @@
    tower frozen, each phase gated on image reliance (it fails loudly when the frame stops mattering),
 6. GRPO from the SFT result,
 7. the readout refit: the output head's answer, tag and name rows fitted to the last hidden states (``readout.py``),
-   then, where the config has a ``last_layer`` block, the language model's last layer refit (``last_layer.py``),
+   then, where the config has a ``last_layer`` block, the language model's last layer refit (``last_layer.py``)
+   and, with ``readout_again: true``, the readout refit once more on that layer,
 8. evaluate untrained (direct only) / SFT / SFT+GRPO / the refits on the test split (direct and reasoning), the final
    model also with frames swapped across sequences and with degraded frames, and measure how much each stage
    relies on the image (test loss with true vs shuffled frames),
@@ -59,9 +60,9 @@ REPORTED = (
 
 
 TRAINING_STAGES = ("vision", "sft_a", "sft_b", "rft")
-FINAL_STAGES = ("rft", "readout", "last_layer")  # the stages whose model is installed, the last that ran
+FINAL_STAGES = ("rft", "readout", "last_layer", "readout_again")  # the installed model: the last of these that ran
 PIPELINE_STEPS = {"synth": "synth", "mix": "mix", "vision": "vision pre-training", "sft_b": "SFT", "rft": "GRPO",
-                  "readout": "readout", "last_layer": "last layer"}  # fmt: skip
+                  "readout": "readout", "last_layer": "last layer", "readout_again": "readout"}  # fmt: skip
 
 
 class TimeBudget(TrainerCallback):
@@ -241,11 +242,11 @@ class Pipeline:
             results[key]["report"] = str(out / "report.json")
         return results
 
-    def readout(self, model: str, spec: dict) -> dict:
+    def readout(self, model: str, spec: dict, name: str = "readout") -> dict:
         """The output head's answer, tag and name rows refit on the training mix (training/readout.py)."""
         from .readout import refit_readout
 
-        folder = self.work / "readout"
+        folder = self.work / name
         result = refit_readout(model, self.mix, folder, seed=int(self.spec.get("seed", 0)), **spec)
         return {"final": str(folder), **result}
 
@@ -294,7 +295,8 @@ def stage_config(name: str, stage: str, model: str, folder: Path, mix: Path, spe
 
 
 # The YAML keys each block may hold besides those a called function declares (checked before any stage runs).
-TOP_LEVEL = {"seed", "synth", "model", "vision", "sft_a", "sft_b", "rft", "last_layer", "readout", "eval"}
+TOP_LEVEL = {"seed", "synth", "model", "vision", "sft_a", "sft_b", "rft", "readout", "last_layer", "readout_again",
+             "eval"}  # fmt: skip
 EVAL_KEYS = {"batch_size", "reason_max_new_tokens", "reason_limit", "untrained_max_new_tokens"}
 PIPELINE_ONLY = {"time_budget_minutes", "min_reliance_gap"}
 
@@ -351,6 +353,11 @@ def run_builtin(out: str | Path, work: str | Path, config: str = "builtin_pipeli
     if "last_layer" in spec:  # after the readout refit: the layer learns to feed the refit rows (README: measured)
         start = list(answering.values())[-1]
         answering["last_layer"] = p.stage("last_layer", lambda: p.last_layer(start, spec["last_layer"]))["final"]
+    if spec.get("readout_again") and "last_layer" in answering:  # the rows refit to the layer that now feeds them
+        last = answering["last_layer"]
+        answering["readout_again"] = p.stage(
+            "readout_again", lambda: p.readout(last, spec["readout"], "readout_again")
+        )["final"]
     final = list(answering)[-1]
     p.stage("eval", lambda: p.evaluate(answering, final=final))
     p.stage("reliance", lambda: p.reliance({**models, **answering}))

@@ -13,14 +13,24 @@ COLUMNS = ("accuracy", "f_score", "miou_legacy", "miou", "coherence_rate", "clai
            "format_rate")  # fmt: skip
 # Each row after SFT + GRPO adds its stage to the row above (the stages that ran, in pipeline order).
 ROWS = (("untrained", "untrained (random init)"), ("sft", "SFT only"), ("sft_grpo", "SFT + GRPO"),
-        ("readout", "+ readout refit"), ("last_layer", "+ last-layer refit"))  # fmt: skip
+        ("readout", "+ readout refit"), ("last_layer", "+ last-layer refit"),
+        ("readout_again", "+ readout refit again"))  # fmt: skip
 RELIANCE_ROWS = (("untrained", "untrained (random init)"), ("vision", "after stage 0 (LM untrained)"), *ROWS[1:])
 FRAMES = (("own", "own frames"), ("swapped", "frames of another sequence"), ("degraded", "degraded frames"))
 DENSE = ("cover", "tool_cover", "tip", "state", "tool_state", "quadrant")
-KIND_ROWS = [("last_layer/direct", "last-layer refit, direct"), ("last_layer/reason", "last-layer refit, reasoning"),
+KIND_ROWS = [("readout_again/direct", "readout refit again, direct"),
+             ("readout_again/reason", "readout refit again, reasoning"),
+             ("last_layer/direct", "last-layer refit, direct"), ("last_layer/reason", "last-layer refit, reasoning"),
              ("readout/direct", "readout refit, direct"), ("readout/reason", "readout refit, reasoning"),
              ("sft_grpo/direct", "SFT + GRPO, direct"), ("sft_grpo/reason", "SFT + GRPO, reasoning"),
              ("sft/direct", "SFT only, direct")]  # fmt: skip
+
+
+def _readout_row(name: str, stage: dict) -> str:
+    """The stage table's row of a readout refit (its steps: the best step kept)."""
+    r = stage["result"]
+    return (f"| {name} | answer, tag and name rows of the output head refit | {', '.join(r['kinds'])} | "
+            f"{r['best_step']} | {r['positions']} positions | {r['lr']} | {stage['seconds'] / 60:.1f} |")  # fmt: skip
 
 
 def _fmt(v: Any) -> str:
@@ -132,10 +142,7 @@ def model_card(state: dict, spec: dict, config_path: Path, machine: str) -> str:
 the output head's rows of the answer labels, protocol tags and instrument names are refit to what the last layer holds
 (`training/readout.py`: a convex fit on cached hidden states, the best step chosen on held-out training
 frames; the readout row's steps are that step)"""
-        r = readout["result"]
-        kinds = ", ".join(r["kinds"])
-        stages.append(f"| readout | answer, tag and name rows of the output head refit | {kinds} | {r['best_step']} | "
-                      f"{r['positions']} positions | {r['lr']} | {readout['seconds'] / 60:.1f} |")  # fmt: skip
+        stages.append(_readout_row("readout", readout))
     last_layer = state.get("last_layer")
     if last_layer:
         r = last_layer["result"]
@@ -146,6 +153,10 @@ everything else frozen, on cached inputs of that layer, box positions {boxes}
         stages.append(f"| last_layer | last decoder layer + final norm (SFT loss, cached inputs) | "
                       f"{', '.join(r['kinds'])} | {r['best_step']} of {r['steps']} | {r['rows']} rows | {r['lr']} | "
                       f"{last_layer['seconds'] / 60:.1f} |")  # fmt: skip
+    again = state.get("readout_again")
+    if again:
+        refit += "; then those output head rows are refit once more, to what the new last layer holds"
+        stages.append(_readout_row("readout_again", again))
     synth = state.get("synth", {}).get("result", {})
     train, test = synth.get("train", {}), synth.get("test", {})
     return f"""# Surgery-R1 built-in model
