@@ -122,6 +122,16 @@ def test_a_mistyped_pipeline_key_fails_before_any_stage_runs(tmp_path, block, ke
     assert not (tmp_path / "work").exists()
 
 
+def test_readout_again_needs_the_blocks_it_repeats(tmp_path):
+    from surgery_r1_ros.training.builtin import check_spec
+
+    spec = yaml.safe_load(find_config("builtin_micro").read_text())
+    check_spec(spec, "micro")
+    del spec["last_layer"]
+    with pytest.raises(ValueError, match=r"readout_again .* needs both blocks"):
+        check_spec(spec, "micro")
+
+
 def test_rft_config_must_set_grpo_knobs(micro, tmp_path):
     raw = rft_config(micro, tmp_path)
     del raw["trainer"]["beta"]

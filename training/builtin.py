@@ -313,6 +313,9 @@ def check_spec(spec: dict[str, Any], source: str) -> None:
         return set(inspect.signature(fn).parameters) - {"model", "mix", "out", "seed"}
 
     _known(source, spec, TOP_LEVEL)
+    if spec.get("readout_again") and not ("readout" in spec and "last_layer" in spec):
+        raise ValueError(f"{source}: readout_again repeats the readout block's refit after the last_layer block's: "
+                         "it needs both blocks")  # fmt: skip
     _known(f"{source} eval", spec.get("eval") or {}, EVAL_KEYS)
     _known(f"{source} vision", spec.get("vision") or {}, {"time_budget_minutes", "trainer"})
     for block, fn in (("last_layer", refit_last_layer), ("readout", refit_readout)):
