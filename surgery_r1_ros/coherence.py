@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 
 from surgery_r1_ros.boxes import Box, Size, normalized_center
-from surgery_r1_ros.vocab import INSTRUMENTS
+from surgery_r1_ros.vocab import INSTRUMENTS, STATES
 
 # A claim within this fraction of the image of the dividing line is too close to call.
 BOUNDARY_MARGIN = 0.05
@@ -33,7 +33,12 @@ _SENTENCE_RE = re.compile(r"(?<=[.!?;])\s+|\n+")
 _INSTRUMENT_PATTERNS = {name: re.compile(r"\b" + r"[\s_]+".join(name.split("_")) + r"\b", re.I) for name in INSTRUMENTS}
 # "suction" is both an instrument and a state; only count it as the instrument when a tool word follows
 # or it is not followed by a state word ("in suction", "performing suction" name the state).
-_STATE_USE_OF_SUCTION = re.compile(r"\b(?:in|performing|doing|applying|state\s+is)\s+suction\b", re.I)
+_STATE_USE_OF_SUCTION = re.compile(r"\b(?:in|performing|doing|applying|state\s+is|that\s+is)\s+suction\b", re.I)
+# A state as reasoning writes it ("tissue manipulation", "Tissue_Manipulation"); "suction" only where it is used
+# as a state (above), since it also names an instrument.
+_STATE_PATTERNS = {
+    state: re.compile(r"\b" + r"[\s_]+".join(state.split("_")) + r"\b", re.I) for state in STATES if state != "Suction"
+}
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,15 @@ def check_coherence(reasoning: str, box: Box, image_size: Size, subject: str | N
     return CoherenceResult(claims, contradicted)
 
 
+def stated_state(reasoning: str) -> str | None:
+    """The instrument state the reasoning concludes: the last state it names ("... so its state is idle"), in
+    the vocabulary's spelling, or None when it names none. Evaluation compares it with the truth and with the
+    answer: reasoning that names one state and answers another explains nothing."""
+    found = [(m.end(), state) for state, pattern in _STATE_PATTERNS.items() for m in pattern.finditer(reasoning)]
+    found += [(m.end(), "Suction") for m in _STATE_USE_OF_SUCTION.finditer(reasoning)]
+    return max(found)[1] if found else None
+
+
 def describe_position(box: Box, size: Size) -> str:
     """Plain wording of where a box sits ("upper left", "lower right", "centre"), for writing reasoning."""
     cx, cy = normalized_center(box, size)
@@ -156,5 +170,6 @@ __all__ = [
     "claim_holds",
     "claims_in",
     "describe_position",
+    "stated_state",
     "subject_claims",
 ]

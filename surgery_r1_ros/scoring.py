@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from surgery_r1_ros import metrics
 from surgery_r1_ros.boxes import Box, Size
-from surgery_r1_ros.coherence import names_subject, subject_claims
+from surgery_r1_ros.coherence import names_subject, stated_state, subject_claims
 from surgery_r1_ros.protocol import PromptMode, is_complete
 from surgery_r1_ros.vocab import ANSWERS, QuestionKind, answer_kind, canonical_answer
 
+T = TypeVar("T")
 NONE_LABEL = "<none>"  # the predicted label of a question with no readable vocabulary answer
 ZERO_BOX: Box = (0.0, 0.0, 0.0, 0.0)
 DEFINITIONS = {
@@ -37,6 +39,11 @@ DEFINITIONS = {
     "(reasoning that makes no checkable claim counts as coherent in coherence_rate; here it is left out)",
     "subject_rate": "reasoning mode only: among instrument questions answered with reasoning, the share whose "
     "reasoning names the instrument asked about (coherence.names_subject)",
+    "state_claims_rate": "reasoning mode only: among state questions answered with reasoning, the share whose "
+    "reasoning names a state (coherence.stated_state: the last one it names)",
+    "state_claim_accuracy": "reasoning mode only: among those, the share whose stated state is the true one",
+    "state_agreement_rate": "reasoning mode only: among those, the share whose answer is the state the reasoning "
+    "names (an answer that differs is not explained by its reasoning)",
     "accuracy_by_kind": "accuracy over the questions of each kind (organ, state, location), told by the true label",
     "state_by_subject": "state questions per instrument: n, accuracy, prior (the accuracy of always giving that "
     "instrument's commonest true state in these questions) and answers (how many different labels were given)",
@@ -82,6 +89,8 @@ def score_answers(records: Sequence[AnswerRecord], mode: PromptMode) -> dict:
     reasoned = [r for r in records if r.reasoning] if reasoning_mode else []
     claimed = [r for r in reasoned if r.box is not None and subject_claims(r.reasoning, r.subject)]
     about_instruments = [r for r in reasoned if r.subject is not None]
+    stated = [(r, stated_state(r.reasoning)) for r in reasoned if _kind(r.truth) is QuestionKind.STATE]
+    stating = [(r, state) for r, state in stated if state is not None]
     return {
         "n": n,
         "mode": str(mode),
@@ -105,15 +114,23 @@ def score_answers(records: Sequence[AnswerRecord], mode: PromptMode) -> dict:
         "subject_rate": _share(about_instruments, lambda r: names_subject(r.reasoning, r.subject))
         if reasoning_mode
         else None,
+        "state_claims_rate": (len(stating) / len(stated) if stated else None) if reasoning_mode else None,
+        "state_claim_accuracy": _share(stating, lambda pair: pair[1] == pair[0].truth) if reasoning_mode else None,
+        "state_agreement_rate": _share(stating, lambda pair: pair[1] == pair[0].label) if reasoning_mode else None,
         "per_class": [vars(row) for row in metrics.per_class(truth, predicted)],
         "confusion": confusion(truth, predicted),
         "definitions": DEFINITIONS,
     }
 
 
-def _share(records: Sequence[AnswerRecord], holds: Callable[[AnswerRecord], bool]) -> float | None:
+def _share(records: Sequence[T], holds: Callable[[T], bool]) -> float | None:
     """The share of ``records`` for which ``holds`` is true (None without records)."""
     return sum(bool(holds(r)) for r in records) / len(records) if records else None
+
+
+def _kind(label: str) -> QuestionKind | None:
+    """The question kind a true label answers (None: a label outside the vocabulary)."""
+    return answer_kind(label) if label in ANSWERS else None
 
 
 def accuracy_by_kind(truth: Sequence[str], predicted: Sequence[str]) -> dict[str, float]:
@@ -132,7 +149,7 @@ def state_by_subject(records: Sequence[AnswerRecord]) -> dict[str, dict]:
     question about an instrument (answers 1) is not reading that instrument's state from the frame."""
     by_subject: dict[str, list[tuple[str, str]]] = {}
     for r in records:
-        if r.subject is not None and r.truth in ANSWERS and answer_kind(r.truth) is QuestionKind.STATE:
+        if r.subject is not None and _kind(r.truth) is QuestionKind.STATE:
             by_subject.setdefault(r.subject, []).append((r.truth, r.label))
     table = {}
     for subject, pairs in sorted(by_subject.items()):

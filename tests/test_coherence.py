@@ -2,7 +2,7 @@
 
 import pytest
 
-from surgery_r1_ros.coherence import check_coherence, claims_in, describe_position
+from surgery_r1_ros.coherence import check_coherence, claims_in, describe_position, stated_state
 
 SIZE = (1000, 800)
 LEFT_TOP = (50, 40, 300, 250)
@@ -80,3 +80,19 @@ def test_centre_as_a_noun_is_not_a_claim():
     assert claims_in("Its box centre lies right of the midline.")[0].horizontal == "right"
     assert len(claims_in("Its box centre lies right of the midline.")) == 1
     assert claims_in("It sits in the centre.")[0].centre
+
+
+@pytest.mark.parametrize(
+    ("reasoning", "state"),
+    [
+        ("The key cue: its tip presses into the tissue, which means it is performing tissue manipulation.",
+         "Tissue_Manipulation"),
+        ("Its jaws are closed; that is idle. Then Cutting, now Tool_Manipulation.", "Tool_Manipulation"),
+        ("The asked-about suction shows a thin tube; it is not touching anything, so its state is idle.", "Idle"),
+        ("Fluid is drawn into its open tip; that is suction.", "Suction"),
+        ("A row of staples lines the tissue at its jaws.", None),  # "staples" is not the state "staple"
+        ("The suction is in the upper left.", None),  # the instrument, not the state
+    ],
+)  # fmt: skip
+def test_stated_state_is_the_last_state_the_reasoning_names(reasoning, state):
+    assert stated_state(reasoning) == state

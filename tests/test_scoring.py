@@ -66,7 +66,8 @@ def test_eval_and_bag_eval_report_the_same_figures(mode):
     bag = _bag_report(mode).metrics()
     figures = ("n", "mode", "accuracy", "accuracy_by_kind", "f_score", "miou", "miou_legacy", "format_rate",
                "coherence_rate", "n_with_reasoning", "claims_rate", "claimed_coherence_rate", "subject_rate",
-               "per_class", "confusion", "state_by_subject")  # fmt: skip
+               "per_class", "confusion", "state_by_subject", "state_claims_rate", "state_claim_accuracy",
+               "state_agreement_rate")  # fmt: skip
     assert {k: bag[k] for k in figures} == {k: model_card[k] for k in figures}
     # and the figures are the intended ones, not merely equal
     assert model_card["accuracy"] == pytest.approx(6 / 8)  # banana and the empty completion are wrong
@@ -105,6 +106,28 @@ def test_reasoning_about_another_instrument_is_coherent_but_not_about_the_subjec
     assert report["subject_rate"] == pytest.approx(2 / 4)  # "performing suction" names the state, not the tool
     assert report["claims_rate"] == pytest.approx(3 / 5)  # 1, 3 and the organ's claim
     assert report["claimed_coherence_rate"] == pytest.approx(1 / 3)
+
+
+def test_state_claims_show_reasoning_that_names_one_state_and_answers_another():
+    """Over state questions: how often the reasoning names a state, names the true one, and names the answer."""
+
+    def record(truth: str, answer: str, reasoning: str) -> AnswerRecord:
+        return AnswerRecord(truth, None, FRAME, "stapler", answer, None, reasoning)
+
+    idle = "Its jaws are closed and it rests away from the tissue; that is idle."
+    records = [
+        record("Staple", "Staple", "A row of staples lines the tissue; that is staple."),  # right, and answered
+        record("Staple", "Staple", idle),  # the wrong state, and not the answer given
+        record("Idle", "Staple", idle),  # the right state, but not the answer given
+        record("Idle", "Idle", "The stapler is in the upper left."),  # names no state
+        record("left-top", "left-top", idle),  # not a state question
+    ]
+    report = score_answers(records, PromptMode.REASON)
+    assert report["state_claims_rate"] == pytest.approx(3 / 4)
+    assert report["state_claim_accuracy"] == pytest.approx(2 / 3)
+    assert report["state_agreement_rate"] == pytest.approx(1 / 3)
+    direct = score_answers(records, PromptMode.GROUND)
+    assert direct["state_claims_rate"] is direct["state_claim_accuracy"] is direct["state_agreement_rate"] is None
 
 
 def test_state_by_subject_shows_an_instrument_answered_from_the_prior():

@@ -122,13 +122,43 @@ def test_a_mistyped_pipeline_key_fails_before_any_stage_runs(tmp_path, block, ke
     assert not (tmp_path / "work").exists()
 
 
+def test_micro_pipeline_runs_every_stage_installs_the_last_refit_and_resumes(tmp_path):
+    """`surgery-r1 train builtin --config builtin_micro`: every stage in order, the last refit's model installed
+    with its card; run again with ``--resume``, no stage runs twice."""
+    from surgery_r1_ros.training.builtin import run_builtin
+
+    from surgery_r1_ros.model import load_model
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    card = run_builtin(out, work, "builtin_micro")
+    state_file = work / "stages.json"
+    state = json.loads(state_file.read_text())
+    assert list(state) == ["synth", "mix", "init", "vision", "sft_a", "sft_b", "rft", "readout", "last_layer",
+                           "readout_again", "eval", "reliance", "install"]  # fmt: skip
+    assert all(stage["done"] for stage in state.values())
+    assert state["readout_again"]["result"]["final"] == str(work / "readout_again")
+    installed, refit = load_model(out).model, load_model(work / "readout_again").model
+    assert torch.equal(installed.lm_head.weight, refit.lm_head.weight)
+    info = json.loads((out / "surgery_r1.json").read_text())
+    assert info["pipeline"].endswith("(synth -> mix -> vision pre-training -> SFT -> GRPO -> readout -> last layer -> "
+                                     "readout)")  # fmt: skip
+    text = card.read_text()
+    for label in ("SFT + GRPO", "+ readout refit", "+ last-layer refit", "+ readout refit again"):
+        assert f"| {label} | " in text
+    evaluated = {f"readout_again/{run}" for run in ("direct", "reason", "direct/swapped", "direct/degraded")}
+    assert set(state["eval"]["result"]) >= evaluated
+    written = state_file.read_bytes()
+    run_builtin(out, work, "builtin_micro", resume=True)
+    assert state_file.read_bytes() == written
+
+
 def test_readout_again_needs_the_blocks_it_repeats(tmp_path):
     from surgery_r1_ros.training.builtin import check_spec
 
     spec = yaml.safe_load(find_config("builtin_micro").read_text())
     check_spec(spec, "micro")
-    del spec["last_layer"]
-    with pytest.raises(ValueError, match=r"readout_again .* needs both blocks"):
+    del spec["readout"]
+    with pytest.raises(ValueError, match=r"readout_again repeats the readout block's refit: it needs that block"):
         check_spec(spec, "micro")
 
 
@@ -386,7 +416,9 @@ def test_model_card_tables_come_from_the_pipeline_records(tmp_path):
             **config, "stage": "rft", "trainer": {**trainer, "max_steps": 9}}}},
         "eval": {"result": {"sft_grpo/direct": {**row, "accuracy_by_kind": {"organ": 1.0, "location": 0.5},
                                                 "state_by_subject": by_subject},
-                            "sft_grpo/direct/swapped": swapped}},
+                            "sft_grpo/direct/swapped": swapped,
+                            "sft_grpo/reason": {**row, "accuracy_by_kind": {"state": 0.25}, "state_claims_rate": 0.9,
+                                                "state_claim_accuracy": 0.3, "state_agreement_rate": 0.7}}},
         "reliance": {"result": {"sft": {"n": 64, "loss_true": 0.8, "loss_shuffled": 1.1, "gap": 0.3}}},
     }  # fmt: skip
     state["synth"] = {"seconds": 480.0, "result": {}}
@@ -401,6 +433,7 @@ def test_model_card_tables_come_from_the_pipeline_records(tmp_path):
     assert "| SFT + GRPO, direct | 1.000 | - | 0.500 |" in card  # organ, state, location
     assert "| frames of another sequence | 0.200 | -0.300 | 0.100 | -0.200 | 10 |" in card
     assert "| stapler | 6 | 0.500 | 0.250 | 0.667 | 1 |" in card
+    assert "| SFT + GRPO | 0.250 | 0.900 | 0.300 | 0.700 |" in card  # reasoning's state claims
     assert "| rft | rft | vqa | 7 of 9, stopped by its time budget | 8 | 0.002 | 0.5 |" in card
     assert "12.5 min on test-machine" in card
 
@@ -447,13 +480,13 @@ def test_model_card_shows_the_readout_refit_before_the_last_layer_refit(tmp_path
     assert "| readout refit, direct | - | 0.600 | - |" in card
     assert "| frames of another sequence | 0.300 | -0.400 |" in card  # the final model's, not GRPO's
     refit = {"kinds": ["grounding", "cot"], "best_step": 30, "steps": 40, "rows": 120, "lr": 3e-4,
-             "keep_boxes": True}  # fmt: skip
+             "keep_boxes": True, "own_reasoning_rows": 20}  # fmt: skip
     state["last_layer"] = {"seconds": 600.0, "result": refit}
     state["eval"]["result"].update({"last_layer/direct": {**row, "accuracy": 0.8},
                                     "last_layer/direct/swapped": {**row, "accuracy": 0.2}})  # fmt: skip
     card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
-    stage_row = ("| last_layer | last decoder layer + final norm (SFT loss, cached inputs) | grounding, cot | "
-                 "30 of 40 | 120 rows | 0.0003 | 10.0 |")  # fmt: skip
+    stage_row = ("| last_layer | last decoder layer + final norm (SFT loss, cached inputs) | grounding, cot + 20 own "
+                 "reasoning | 30 of 40 | 120 rows | 0.0003 | 10.0 |")  # fmt: skip
     assert stage_row in card and "box positions held to the model's own box distribution" in card
     assert card.index("| readout |") < card.index("| last_layer |")  # the stages in the order they ran
     assert card.index("output head's rows") < card.index("last decoder layer and final norm are trained")
@@ -465,6 +498,7 @@ def test_model_card_shows_the_readout_refit_before_the_last_layer_refit(tmp_path
     card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
     again_row = "| readout_again | answer, tag and name rows of the output head refit | grounding | 5 | 99 positions |"
     assert card.index("| last_layer |") < card.index(again_row)
+    assert "; then those output head rows are refit once more" in card
     assert card.index("| + last-layer refit | 0.800 |") < card.index("| + readout refit again | 0.900 |")
     assert "| frames of another sequence | 0.100 | -0.800 |" in card  # the final model: the second readout refit's
 
@@ -827,6 +861,57 @@ def test_readout_refit_with_own_reasoning_fits_on_more_positions(micro, tmp_path
     assert "answer and tag positions of 3 rows with the model's own reasoning" in card
 
 
+# -- state probe ---------------------------------------------------------------------------------------------------
+
+
+def test_state_probe_reads_just_before_the_state_is_given(micro):
+    """The reasoning position ends where the state's cue starts; the vector is the last token of that prefix."""
+    from PIL import Image
+    from surgery_r1_ros.training.state_probe import hidden_before_state, last_prefix_token, prefix_before_state
+
+    from surgery_r1_ros.data.cues import STATE_CUES
+    from surgery_r1_ros.data.mix import read_mix
+    from surgery_r1_ros.model import encode_prompt, load_model
+    from surgery_r1_ros.protocol import PromptMode
+    from surgery_r1_ros.vocab import STATES
+
+    records = [r for r in read_mix(micro["mix"]) if r["kind"] == "cot" and r["answer"] in STATES][:3]
+    assert records
+    for record in records:
+        mode, prefix = prefix_before_state(record, "reasoning")
+        rest = ("<think>" + record["reasoning"])[len(prefix) :].lstrip()
+        assert mode is PromptMode.REASON and any(rest.startswith(cue) for cue in STATE_CUES[record["answer"]])
+        assert prefix_before_state(record, "answer") == (PromptMode.GROUND, "<answer>")
+    assert prefix_before_state({**records[0], "reasoning": "Nothing about its tip."}, "reasoning") is None
+    loaded = load_model(micro["model"])
+    prefixes = [prefix_before_state(r, "reasoning")[1] for r in records] + ["<answer>"]
+    images = [Image.open(r["image"]).convert("RGB") for r in records] * 2
+    modes = [PromptMode.REASON] * len(records) + [PromptMode.GROUND]
+    batch = encode_prompt(loaded.processor, images[: len(prefixes)], [r["question"] for r in records] + ["q?"],
+                          modes, targets=prefixes)  # fmt: skip
+    tokenizer = loaded.processor.tokenizer
+    for row, (index, prefix) in enumerate(zip(last_prefix_token(batch).tolist(), prefixes, strict=True)):
+        assert batch["input_ids"][row, index] == tokenizer.encode(prefix, add_special_tokens=False)[-1]
+    batched, kept = hidden_before_state(loaded, records, "reasoning", batch_size=3)
+    single, _ = hidden_before_state(loaded, records, "reasoning", batch_size=1)  # no padding
+    assert len(kept) == len(records) and torch.allclose(batched, single, atol=1e-4)
+
+
+def test_linear_probe_separates_what_is_there_and_not_what_is_not():
+    from surgery_r1_ros.training.state_probe import fit_linear_probe
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (400,), generator=generator)
+    features = torch.randn(400, 16, generator=generator)
+    features[:, :4] += 4.0 * torch.nn.functional.one_hot(labels, 4)  # the label is linearly readable
+    features = features * 3.0 + 100.0  # far from standardised
+    probe = fit_linear_probe(features[:300], labels[:300], 4)
+    assert (probe(features[300:]).argmax(-1) == labels[300:]).float().mean() > 0.9
+    shuffled = labels[torch.randperm(400, generator=generator)]
+    blind = fit_linear_probe(features[:300, 4:], shuffled[:300], 4)  # neither the signal nor the right labels
+    assert (blind(features[300:, 4:]).argmax(-1) == shuffled[300:]).float().mean() < 0.45
+
+
 # -- last-layer refit ---------------------------------------------------------------------------------------------
 
 
@@ -898,6 +983,36 @@ def test_last_layer_refit_lowers_held_out_loss_and_changes_only_the_last_layer(m
     trained = {id(p) for p in [*lm.layers[-1].parameters(), *lm.norm.parameters()]}
     for (name, new), old in zip(after.named_parameters(), before.parameters(), strict=True):
         assert torch.equal(new, old) == (id(new) not in trained), name
+
+
+def test_last_layer_refit_with_own_reasoning_learns_only_the_answer_and_tags_after_it(
+    micro, two_layer_model, tmp_path, monkeypatch
+):
+    """A row of the model's own reasoning (``answer_only``) keeps only its answer-label and tag targets (the model
+    wrote the rest); ``own_reasoning`` adds such rows to the refit."""
+    from surgery_r1_ros.training import evaluate
+    from surgery_r1_ros.training.last_layer import cache_rows, refit_last_layer
+    from surgery_r1_ros.training.readout import answer_and_tag_ids
+
+    from surgery_r1_ros.model import load_model
+    from surgery_r1_ros.model.prompts import IGNORE_INDEX
+
+    loaded = load_model(two_layer_model)
+    loaded.model.eval()
+    rows, cached = _cached_micro_rows(loaded, micro, 3)
+    marked = cache_rows(loaded, [{**r, "answer_only": True} for r in rows], batch_size=5)
+    allowed = set(answer_and_tag_ids(loaded.processor.tokenizer))
+    dropped = 0
+    for every, kept in zip(cached.targets, marked.targets, strict=True):
+        due = every[every != IGNORE_INDEX].tolist()
+        assert kept[kept != IGNORE_INDEX].tolist() == [t for t in due if t in allowed]
+        dropped += len(due) - int((kept != IGNORE_INDEX).sum())
+    assert dropped > 0
+    monkeypatch.setattr(evaluate, "generate", lambda _l, items, *_a, **_k: ["<think>It is there.</think>"] * len(items))
+    plain = refit_last_layer(two_layer_model, micro["mix"], tmp_path / "plain", questions=4, epochs=1)
+    own = refit_last_layer(two_layer_model, micro["mix"], tmp_path / "own", questions=4, epochs=1, own_reasoning=3)
+    assert (plain["own_reasoning_rows"], own["own_reasoning_rows"]) == (0, 3)
+    assert own["rows"] == plain["rows"] + 3
 
 
 def test_box_positions_run_from_after_the_open_tag_to_the_close_tag():

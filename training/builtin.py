@@ -31,6 +31,7 @@ import logging
 import platform
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +56,48 @@ REPORTED = (
     "claims_rate",
     "claimed_coherence_rate",
     "subject_rate",
+    "state_claims_rate",
+    "state_claim_accuracy",
+    "state_agreement_rate",
     "seconds",
 )
 
 
+@dataclass(frozen=True)
+class Refit:
+    """A refit after GRPO: its stage (and work folder) name, the YAML block that holds its settings (a repeat
+    reuses an earlier refit's block) and its name in the model card's tables."""
+
+    name: str
+    block: str
+    label: str
+
+    @property
+    def step(self) -> str:
+        """Its name in the installed model's pipeline record."""
+        return self.block.replace("_", " ")
+
+
+# The refits after GRPO, in the order they run, each on the model the one before made: the readout rows first,
+# then the last layer learns to feed them, then the rows are refit to the new layer (README: both orders measured).
+# One runs when its top-level key is set: its block, or ``readout_again: true``.
+REFITS = (Refit("readout", "readout", "readout refit"), Refit("last_layer", "last_layer", "last-layer refit"),
+          Refit("readout_again", "readout", "readout refit again"))  # fmt: skip
 TRAINING_STAGES = ("vision", "sft_a", "sft_b", "rft")
-FINAL_STAGES = ("rft", "readout", "last_layer", "readout_again")  # the installed model: the last of these that ran
+FINAL_STAGES = ("rft", *(r.name for r in REFITS))  # the installed model: the last of these that ran
 PIPELINE_STEPS = {"synth": "synth", "mix": "mix", "vision": "vision pre-training", "sft_b": "SFT", "rft": "GRPO",
-                  "readout": "readout", "last_layer": "last layer", "readout_again": "readout"}  # fmt: skip
+                  **{r.name: r.step for r in REFITS}}  # fmt: skip
+
+
+def refit_function(block: str):
+    """The function a refit block's settings go to (imported on use: it pulls in the model code)."""
+    if block == "readout":
+        from .readout import refit_readout
+
+        return refit_readout
+    from .last_layer import refit_last_layer
+
+    return refit_last_layer
 
 
 class TimeBudget(TrainerCallback):
@@ -242,20 +277,11 @@ class Pipeline:
             results[key]["report"] = str(out / "report.json")
         return results
 
-    def readout(self, model: str, spec: dict, name: str = "readout") -> dict:
-        """The output head's answer, tag and name rows refit on the training mix (training/readout.py)."""
-        from .readout import refit_readout
-
-        folder = self.work / name
-        result = refit_readout(model, self.mix, folder, seed=int(self.spec.get("seed", 0)), **spec)
-        return {"final": str(folder), **result}
-
-    def last_layer(self, model: str, spec: dict) -> dict:
-        """The language model's last decoder layer refit on cached inputs (training/last_layer.py)."""
-        from .last_layer import refit_last_layer
-
-        folder = self.work / "last_layer"
-        result = refit_last_layer(model, self.mix, folder, seed=int(self.spec.get("seed", 0)), **spec)
+    def refit(self, refit: Refit, model: str) -> dict:
+        """One of ``REFITS``, from ``model``, with its block's settings (training/readout.py, last_layer.py)."""
+        folder = self.work / refit.name
+        fit = refit_function(refit.block)
+        result = fit(model, self.mix, folder, seed=int(self.spec.get("seed", 0)), **self.spec[refit.block])
         return {"final": str(folder), **result}
 
     def reliance(self, models: dict[str, str]) -> dict:
@@ -295,8 +321,7 @@ def stage_config(name: str, stage: str, model: str, folder: Path, mix: Path, spe
 
 
 # The YAML keys each block may hold besides those a called function declares (checked before any stage runs).
-TOP_LEVEL = {"seed", "synth", "model", "vision", "sft_a", "sft_b", "rft", "readout", "last_layer", "readout_again",
-             "eval"}  # fmt: skip
+TOP_LEVEL = {"seed", "synth", "model", "vision", "sft_a", "sft_b", "rft", "eval", *(r.name for r in REFITS)}
 EVAL_KEYS = {"batch_size", "reason_max_new_tokens", "reason_limit", "untrained_max_new_tokens"}
 PIPELINE_ONLY = {"time_budget_minutes", "min_reliance_gap"}
 
@@ -305,21 +330,17 @@ def check_spec(spec: dict[str, Any], source: str) -> None:
     """Fail on a mistyped or misplaced key before the first stage, not when its stage starts an hour later."""
     import inspect
 
-    from .config import _known
-    from .last_layer import refit_last_layer
-    from .readout import refit_readout
+    from .config import check_keys
 
-    def arguments(fn) -> set[str]:
-        return set(inspect.signature(fn).parameters) - {"model", "mix", "out", "seed"}
-
-    _known(source, spec, TOP_LEVEL)
-    if spec.get("readout_again") and not ("readout" in spec and "last_layer" in spec):
-        raise ValueError(f"{source}: readout_again repeats the readout block's refit after the last_layer block's: "
-                         "it needs both blocks")  # fmt: skip
-    _known(f"{source} eval", spec.get("eval") or {}, EVAL_KEYS)
-    _known(f"{source} vision", spec.get("vision") or {}, {"time_budget_minutes", "trainer"})
-    for block, fn in (("last_layer", refit_last_layer), ("readout", refit_readout)):
-        _known(f"{source} {block}", spec.get(block) or {}, arguments(fn))
+    check_keys(source, spec, TOP_LEVEL)
+    for refit in REFITS:
+        if refit.name != refit.block and spec.get(refit.name) and refit.block not in spec:
+            raise ValueError(f"{source}: {refit.name} repeats the {refit.block} block's refit: it needs that block")
+    check_keys(f"{source} eval", spec.get("eval") or {}, EVAL_KEYS)
+    check_keys(f"{source} vision", spec.get("vision") or {}, {"time_budget_minutes", "trainer"})
+    for block in dict.fromkeys(r.block for r in REFITS):
+        arguments = set(inspect.signature(refit_function(block)).parameters) - {"model", "mix", "out", "seed"}
+        check_keys(f"{source} {block}", spec.get(block) or {}, arguments)
     for name, stage in (("sft_a", "sft"), ("sft_b", "sft"), ("rft", "rft")):
         if name in spec:
             block = {k: v for k, v in spec[name].items() if k not in PIPELINE_ONLY}
@@ -351,16 +372,10 @@ def run_builtin(out: str | Path, work: str | Path, config: str = "builtin_pipeli
     sft_final = model
     rft = p.stage("rft", lambda: p.train("rft", "rft", sft_final, spec["rft"]))
     answering = {"untrained": init["folder"], "sft": sft_final, "sft_grpo": rft["final"]}
-    if "readout" in spec:
-        answering["readout"] = p.stage("readout", lambda: p.readout(rft["final"], spec["readout"]))["final"]
-    if "last_layer" in spec:  # after the readout refit: the layer learns to feed the refit rows (README: measured)
-        start = list(answering.values())[-1]
-        answering["last_layer"] = p.stage("last_layer", lambda: p.last_layer(start, spec["last_layer"]))["final"]
-    if spec.get("readout_again") and "last_layer" in answering:  # the rows refit to the layer that now feeds them
-        last = answering["last_layer"]
-        answering["readout_again"] = p.stage(
-            "readout_again", lambda: p.readout(last, spec["readout"], "readout_again")
-        )["final"]
+    for refit in REFITS:
+        if spec.get(refit.name):
+            start = list(answering.values())[-1]
+            answering[refit.name] = p.stage(refit.name, lambda r=refit, m=start: p.refit(r, m))["final"]
     final = list(answering)[-1]
     p.stage("eval", lambda: p.evaluate(answering, final=final))
     p.stage("reliance", lambda: p.reliance({**models, **answering}))

@@ -7,30 +7,80 @@ from typing import Any
 
 from surgery_r1_ros.vocab import QuestionKind
 
-from .builtin import TRAINING_STAGES
+from .builtin import REFITS, TRAINING_STAGES
 
 COLUMNS = ("accuracy", "f_score", "miou_legacy", "miou", "coherence_rate", "claimed_coherence_rate", "subject_rate",
            "format_rate")  # fmt: skip
 # Each row after SFT + GRPO adds its stage to the row above (the stages that ran, in pipeline order).
 ROWS = (("untrained", "untrained (random init)"), ("sft", "SFT only"), ("sft_grpo", "SFT + GRPO"),
-        ("readout", "+ readout refit"), ("last_layer", "+ last-layer refit"),
-        ("readout_again", "+ readout refit again"))  # fmt: skip
+        *((r.name, f"+ {r.label}") for r in REFITS))  # fmt: skip
 RELIANCE_ROWS = (("untrained", "untrained (random init)"), ("vision", "after stage 0 (LM untrained)"), *ROWS[1:])
 FRAMES = (("own", "own frames"), ("swapped", "frames of another sequence"), ("degraded", "degraded frames"))
 DENSE = ("cover", "tool_cover", "tip", "state", "tool_state", "quadrant")
-KIND_ROWS = [("readout_again/direct", "readout refit again, direct"),
-             ("readout_again/reason", "readout refit again, reasoning"),
-             ("last_layer/direct", "last-layer refit, direct"), ("last_layer/reason", "last-layer refit, reasoning"),
-             ("readout/direct", "readout refit, direct"), ("readout/reason", "readout refit, reasoning"),
-             ("sft_grpo/direct", "SFT + GRPO, direct"), ("sft_grpo/reason", "SFT + GRPO, reasoning"),
-             ("sft/direct", "SFT only, direct")]  # fmt: skip
+_LATEST_FIRST = [(r.name, r.label) for r in reversed(REFITS)] + [("sft_grpo", "SFT + GRPO")]
+KIND_ROWS = [
+    (f"{key}/{mode}", f"{label}, {text}")
+    for key, label in _LATEST_FIRST
+    for mode, text in (("direct", "direct"), ("reason", "reasoning"))
+] + [("sft/direct", "SFT only, direct")]
+
+
+def _own_reasoning(r: dict) -> str:
+    own = r.get("own_reasoning_rows", 0)
+    return f" + {own} own reasoning" if own else ""
 
 
 def _readout_row(name: str, stage: dict) -> str:
     """The stage table's row of a readout refit (its steps: the best step kept)."""
     r = stage["result"]
-    return (f"| {name} | answer, tag and name rows of the output head refit | {', '.join(r['kinds'])} | "
-            f"{r['best_step']} | {r['positions']} positions | {r['lr']} | {stage['seconds'] / 60:.1f} |")  # fmt: skip
+    return (f"| {name} | answer, tag and name rows of the output head refit | {', '.join(r['kinds'])}"
+            f"{_own_reasoning(r)} | {r['best_step']} | {r['positions']} positions | {r['lr']} | "
+            f"{stage['seconds'] / 60:.1f} |")  # fmt: skip
+
+
+def _readout_text(r: dict) -> str:
+    return """; then, with everything else frozen,
+the output head's rows of the answer labels, protocol tags and instrument names are refit to what the last layer holds
+(`training/readout.py`: a convex fit on cached hidden states, the best step chosen on held-out training
+frames; the readout row's steps are that step)"""
+
+
+def _last_layer_row(name: str, stage: dict) -> str:
+    """The stage table's row of a last-layer refit."""
+    r = stage["result"]
+    return (f"| {name} | last decoder layer + final norm (SFT loss, cached inputs) | {', '.join(r['kinds'])}"
+            f"{_own_reasoning(r)} | {r['best_step']} of {r['steps']} | {r['rows']} rows | {r['lr']} | "
+            f"{stage['seconds'] / 60:.1f} |")  # fmt: skip
+
+
+def _last_layer_text(r: dict) -> str:
+    boxes = "held to the model's own box distribution" if r["keep_boxes"] else "fitted to the label boxes"
+    return f"""; then the language model's last decoder layer and final norm are trained on the mix with
+everything else frozen, on cached inputs of that layer, box positions {boxes}
+(`training/last_layer.py`; the step kept is the one with the lowest loss on held-out training frames)"""
+
+
+# Per refit block: its row in the stage table, its clause in the card's opening paragraph, and that clause when
+# the block's refit runs a second time.
+REFIT_ROWS = {
+    "readout": (_readout_row, _readout_text,
+                "; then those output head rows are refit once more, to what the layers below them now hold"),
+    "last_layer": (_last_layer_row, _last_layer_text, "; then that layer is trained once more, the same way"),
+}  # fmt: skip
+
+
+def refit_stages(state: dict) -> tuple[list[str], str]:
+    """The stage-table rows and the opening paragraph's clauses of the refits that ran, in pipeline order."""
+    rows, text, seen = [], "", set()
+    for refit in REFITS:
+        stage = state.get(refit.name)
+        if not stage:
+            continue
+        row, clause, again = REFIT_ROWS[refit.block]
+        rows.append(row(refit.name, stage))
+        text += again if refit.block in seen else clause(stage["result"])
+        seen.add(refit.block)
+    return rows, text
 
 
 def _fmt(v: Any) -> str:
@@ -43,6 +93,18 @@ def ablation_table(results: dict[str, dict], mode: str) -> str:
         r = results.get(f"{key}/{mode}")
         if r:
             lines.append(f"| {label} | " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + f" | {r.get('n')} |")
+    return "\n".join(lines)
+
+
+def state_claims_table(results: dict[str, dict]) -> str:
+    """Reasoning mode, state questions: the state the reasoning names against the truth and the answer."""
+    columns = ("state_claims_rate", "state_claim_accuracy", "state_agreement_rate")
+    lines = ["| model | state accuracy | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for key, label in ROWS:
+        r = results.get(f"{key}/reason")
+        if r and r.get("state_claims_rate") is not None:
+            state = (r.get("accuracy_by_kind") or {}).get(str(QuestionKind.STATE))
+            lines.append(f"| {label} | {_fmt(state)} | " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
     return "\n".join(lines)
 
 
@@ -135,28 +197,8 @@ def model_card(state: dict, spec: dict, config_path: Path, machine: str) -> str:
             f"| {name} | {trainer}{looks}{frozen} | {kinds} | {steps} | "
             f"{t.get('per_device_train_batch_size')} | {t.get('learning_rate')} | {s['seconds'] / 60:.1f} |"
         )
-    refit = ""
-    readout = state.get("readout")
-    if readout:
-        refit += """; then, with everything else frozen,
-the output head's rows of the answer labels, protocol tags and instrument names are refit to what the last layer holds
-(`training/readout.py`: a convex fit on cached hidden states, the best step chosen on held-out training
-frames; the readout row's steps are that step)"""
-        stages.append(_readout_row("readout", readout))
-    last_layer = state.get("last_layer")
-    if last_layer:
-        r = last_layer["result"]
-        boxes = "held to the model's own box distribution" if r["keep_boxes"] else "fitted to the label boxes"
-        refit += f"""; then the language model's last decoder layer and final norm are trained on the mix with
-everything else frozen, on cached inputs of that layer, box positions {boxes}
-(`training/last_layer.py`; the step kept is the one with the lowest loss on held-out training frames)"""
-        stages.append(f"| last_layer | last decoder layer + final norm (SFT loss, cached inputs) | "
-                      f"{', '.join(r['kinds'])} | {r['best_step']} of {r['steps']} | {r['rows']} rows | {r['lr']} | "
-                      f"{last_layer['seconds'] / 60:.1f} |")  # fmt: skip
-    again = state.get("readout_again")
-    if again:
-        refit += "; then those output head rows are refit once more, to what the new last layer holds"
-        stages.append(_readout_row("readout_again", again))
+    refit_rows, refit = refit_stages(state)
+    stages += refit_rows
     synth = state.get("synth", {}).get("result", {})
     train, test = synth.get("train", {}), synth.get("test", {})
     return f"""# Surgery-R1 built-in model
@@ -197,6 +239,12 @@ Direct answer (`<answer>` + `<box>`, the runtime's fast mode):
 With reasoning (`<think>` first):
 
 {ablation_table(results, "reason")}
+
+State questions with reasoning: how often the reasoning names a state, how often that state is the true one,
+and how often the answer is the state the reasoning names (reasoning that names one state and answers another
+does not explain its answer):
+
+{state_claims_table(results)}
 
 Accuracy by question type:
 

@@ -1,4 +1,4 @@
-"""``surgery-r1 train sft|rft|readout|last-layer|builtin``, ``surgery-r1 eval`` and ``surgery-r1 probe``."""
+"""``surgery-r1 train sft|rft|readout|last-layer|builtin``, ``surgery-r1 eval``, ``probe`` and ``probe-states``."""
 
 from __future__ import annotations
 
@@ -23,10 +23,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     readout = sub.add_parser("readout", help="refit the output head's answer, tag and name rows on cached states")
     _refit_arguments(readout, questions=2000)
     readout.add_argument("--steps", type=int, default=400)
-    readout.add_argument(
-        "--own-reasoning", type=int, default=0, metavar="N",
-        help="also fit the answer and tag positions after the model's own reasoning on N reasoning questions",
-    )  # fmt: skip
     readout.set_defaults(handler=_readout)
 
     last = sub.add_parser("last-layer", help="train the language model's last layer on cached inputs (rest frozen)")
@@ -70,6 +66,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     probe.add_argument("--out", type=Path, default=None, help="write the result here as JSON")
     probe.set_defaults(handler=_probe)
 
+    states = subparsers.add_parser("probe-states", help="where the language model holds states (linear probe)")
+    states.add_argument("--model", required=True, help="model folder (or 'builtin')")
+    states.add_argument("--train", type=Path, required=True, help="dataset the probe is fitted on (training split)")
+    states.add_argument("--test", type=Path, required=True, help="held-out dataset the probe is scored on")
+    states.add_argument("--questions", type=int, default=1500, help="state questions of --train to fit on")
+    states.add_argument("--out", type=Path, default=None, help="write the result here as JSON")
+    states.set_defaults(handler=_probe_states)
+
 
 def _refit_arguments(parser: argparse.ArgumentParser, questions: int) -> None:
     """The model, mix, output and rows of a refit on the training mix (readout, last-layer)."""
@@ -78,6 +82,10 @@ def _refit_arguments(parser: argparse.ArgumentParser, questions: int) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the refit model")
     parser.add_argument("--questions", type=int, default=questions, help="questions of the mix to fit on")
     parser.add_argument("--kinds", nargs="+", default=["grounding", "vqa", "cot"], help="mix record kinds")
+    parser.add_argument(
+        "--own-reasoning", type=int, default=0, metavar="N",
+        help="also fit the answer and tag positions after the model's own reasoning on N reasoning questions",
+    )  # fmt: skip
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -121,7 +129,7 @@ def _last_layer(args: argparse.Namespace) -> int:
 
     result = refit_last_layer(
         args.model, args.mix, args.out, args.questions, tuple(args.kinds), args.epochs, args.lr,
-        keep_boxes=not args.label_boxes,
+        keep_boxes=not args.label_boxes, own_reasoning=args.own_reasoning,
     )  # fmt: skip
     print(json.dumps(result, indent=2))
     print(f"model written to {args.out}")
@@ -160,10 +168,20 @@ def _eval(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace) -> int:
     from .reader_probe import probe_reader
 
-    result = probe_reader(args.model, args.train, args.test, args.train_frames, args.steps)
+    return _print_result(probe_reader(args.model, args.train, args.test, args.train_frames, args.steps), args.out)
+
+
+def _probe_states(args: argparse.Namespace) -> int:
+    from .state_probe import probe_states
+
+    return _print_result(probe_states(args.model, args.train, args.test, args.questions), args.out)
+
+
+def _print_result(result: dict, out: Path | None) -> int:
+    """Print a probe's result as JSON (and write it to ``out``)."""
     text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n", encoding="utf-8")
     print(text)
     return 0

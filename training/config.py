@@ -100,7 +100,8 @@ def find_config(name: str | Path) -> Path:
     raise FileNotFoundError(f"config {name} not found (not a file, nor a shipped config: {known})")
 
 
-def _known(section: str, values: dict, allowed: set[str]) -> None:
+def check_keys(section: str, values: dict, allowed: set[str]) -> None:
+    """Fail, naming the section and the allowed keys, when ``values`` has a key outside ``allowed``."""
     unknown = sorted(set(values) - allowed)
     if unknown:
         raise ValueError(f"{section}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
@@ -117,7 +118,7 @@ def from_dict(raw: dict[str, Any], source: str | None = None, overrides: dict[st
         else:
             raw[head] = value
     where = source or "config"
-    _known(where, raw, {"stage", "model", "output_dir", "data", "trainer", "lora", "rewards", "freeze_vision",
+    check_keys(where, raw, {"stage", "model", "output_dir", "data", "trainer", "lora", "rewards", "freeze_vision",
                         "train_merger", "box_attention"})  # fmt: skip
     stage = raw.get("stage")
     if stage not in STAGES:
@@ -126,7 +127,7 @@ def from_dict(raw: dict[str, Any], source: str | None = None, overrides: dict[st
         if not raw.get(key):
             raise ValueError(f"{where}: '{key}' is required")
     data_raw = raw.get("data") or {}
-    _known(f"{where} data", data_raw, set(DataConfig.__dataclass_fields__))
+    check_keys(f"{where} data", data_raw, set(DataConfig.__dataclass_fields__))
     data = DataConfig(**data_raw)
     if not (data.mix or data.dataset):
         raise ValueError(f"{where}: data needs 'mix' (a JSONL file) or 'dataset' (a VQLA folder)")
@@ -135,7 +136,7 @@ def from_dict(raw: dict[str, Any], source: str | None = None, overrides: dict[st
         raise ValueError(f"{where}: data.kinds must be a non-empty subset of vqa, grounding, cot (got {data.kinds})")
     lora = None
     if raw.get("lora"):
-        _known(f"{where} lora", raw["lora"], set(LoraConfig.__dataclass_fields__))
+        check_keys(f"{where} lora", raw["lora"], set(LoraConfig.__dataclass_fields__))
         lora = LoraConfig(**raw["lora"])
     trainer = dict(raw.get("trainer") or {})
     rewards = {str(k): float(v) for k, v in (raw.get("rewards") or {}).items()}

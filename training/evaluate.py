@@ -252,7 +252,8 @@ def evaluate(
 
 def summary(report: dict) -> str:
     """One line per headline metric."""
-    keys = ("n", "accuracy", "f_score", "miou_legacy", "miou", "coherence_rate", "subject_rate", "format_rate")
+    keys = ("n", "accuracy", "f_score", "miou_legacy", "miou", "coherence_rate", "subject_rate", "state_claim_accuracy",
+            "format_rate")  # fmt: skip
     parts = []
     for k in keys:
         v = report.get(k)

@@ -31,7 +31,7 @@ from surgery_r1_ros.model.prompts import IGNORE_INDEX
 
 from .config import DataConfig
 from .dataset import ImageCache, SFTCollator, load_records, sft_row
-from .readout import frame_ids_of
+from .readout import answer_and_tag_ids, frame_ids_of, own_reasoning_rows
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ class _Captured(Exception):
 def cache_rows(loaded, rows: list[dict], batch_size: int = 32, dtype: torch.dtype = torch.float32) -> CachedRows:
     """Teacher-forced pass over SFT rows, keeping what the last decoder layer is given. Rows are taken in frame
     order, so the rows of one frame share one pass of the vision tower (``encode_frames_once``); the cache keeps
-    that order."""
+    that order. A row marked ``answer_only`` (the model's own reasoning, ``own_reasoning_rows``) keeps only its
+    answer-label and protocol-tag targets: the model wrote the rest itself."""
     from .evaluate import encode_frames_once
 
     model = loaded.model
@@ -89,6 +90,7 @@ def cache_rows(loaded, rows: list[dict], batch_size: int = 32, dtype: torch.dtyp
     ]
     collate = SFTCollator(loaded.processor, ImageCache())
     frame_ids = frame_ids_of(rows)
+    due = torch.tensor(answer_and_tag_ids(loaded.processor.tokenizer))
     hidden, positions, targets = [], [], []
     try:
         for start in tqdm(range(0, len(rows), batch_size), desc="last-layer inputs", unit="batch"):
@@ -105,9 +107,12 @@ def cache_rows(loaded, rows: list[dict], batch_size: int = 32, dtype: torch.dtyp
             shifted = torch.full_like(labels, IGNORE_INDEX)
             shifted[:, :-1] = labels[:, 1:]  # position t predicts token t + 1
             for row, length in enumerate(lengths):
+                target = shifted[row, :length].clone()
+                if chunk[row].get("answer_only"):
+                    target[~torch.isin(target, due)] = IGNORE_INDEX
                 hidden.append(layer_input[row, :length].clone())
                 positions.append(position_ids[:, row, :length].clone())
-                targets.append(shifted[row, :length].clone())
+                targets.append(target)
     finally:
         for hook in hooks:
             hook.remove()
@@ -297,10 +302,14 @@ def refit_last_layer(
     seed: int = 0,
     batch_size: int = 32,
     keep_boxes: bool = True,
+    own_reasoning: int = 0,
+    reasoning_tokens: int = 192,
 ) -> dict:
     """Refit ``model``'s last decoder layer on ``questions`` questions of the training ``mix``; save to ``out``;
     returns what the model's metadata records (settings, steps, held-out loss before and after).
-    ``keep_boxes``: box positions learn the model's own distribution, not the label (``box_teacher``)."""
+    ``keep_boxes``: box positions learn the model's own distribution, not the label (``box_teacher``).
+    ``own_reasoning``: that many more reasoning questions, answered after the model's own reasoning (at most
+    ``reasoning_tokens``, as in evaluation), add their answer and tag positions (as in ``refit_readout``)."""
     from surgery_r1_ros.model import image_size, load_model, save_model
 
     from .common import resolve_model
@@ -309,14 +318,20 @@ def refit_last_layer(
     loaded.model.eval()
     records = load_records(DataConfig(mix=str(mix), kinds=list(kinds), limit=questions, seed=seed))
     rows = [sft_row(r, image_size(loaded.processor)) for r in records]
-    cached = cache_rows(loaded, rows, batch_size)
+    own_rows = []
+    if own_reasoning:
+        cot = load_records(DataConfig(mix=str(mix), kinds=["cot"], limit=own_reasoning, seed=seed + 1))
+        own_rows = [
+            {**row, "answer_only": True} for row in own_reasoning_rows(loaded, cot, batch_size, reasoning_tokens)
+        ]
+    cached = cache_rows(loaded, rows + own_rows, batch_size)
     if keep_boxes:
         tags = tuple(loaded.processor.tokenizer.convert_tokens_to_ids(["<box>", "</box>"]))
         cached = box_teacher(loaded.model, cached, tags)
     fit = fit_last_layer(loaded.model, cached, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     fit.pop("trace")  # the per-step losses stay out of the model's metadata and the stage records
-    result = {"questions": questions, "kinds": list(kinds), "epochs": epochs, "lr": lr, "keep_boxes": keep_boxes,
-              **fit}  # fmt: skip
+    result = {"questions": questions, "kinds": list(kinds), "own_reasoning_rows": len(own_rows), "epochs": epochs,
+              "lr": lr, "keep_boxes": keep_boxes, **fit}  # fmt: skip
     save_model(loaded, out, {"last_layer": result})
     log.info("last-layer refit: %s -> %s", result, out)
     return result

@@ -84,6 +84,11 @@ def readout_token_ids(tokenizer) -> list[int]:
     return token_ids(tokenizer, ANSWERS + TAG_TOKENS + names)
 
 
+def answer_and_tag_ids(tokenizer) -> list[int]:
+    """The tokens of the answer labels and protocol tags: what is learnt after the model's own reasoning."""
+    return token_ids(tokenizer, ANSWERS + TAG_TOKENS)
+
+
 def frame_ids_of(rows: list[dict]) -> dict[str, int]:
     """Frame path -> integer id (the held-out split is drawn over these)."""
     return {path: i for i, path in enumerate(sorted({r["image_path"] for r in rows}))}
@@ -144,7 +149,7 @@ def own_reasoning_positions(loaded, rows: list[dict], batch_size: int, frame_ids
     """``rows``' positions due an answer-label or protocol-tag token; the reasoning positions are left out (the
     model wrote those tokens itself: fitting them would teach it nothing)."""
     positions = collect_positions(loaded, rows, batch_size, frame_ids)
-    due = torch.tensor(token_ids(loaded.processor.tokenizer, ANSWERS + TAG_TOKENS), device=positions.target.device)
+    due = torch.tensor(answer_and_tag_ids(loaded.processor.tokenizer), device=positions.target.device)
     return positions.subset(torch.isin(positions.target, due))
 
 
