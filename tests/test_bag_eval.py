@@ -63,6 +63,8 @@ def test_eval_with_oracle_engine_start_and_running(tmp_path: Path, monkeypatch) 
     assert m["miou"] == pytest.approx(1.0) and m["miou_legacy"] == pytest.approx(1.0)
     assert m["coherence_rate"] == m["claimed_coherence_rate"] == m["subject_rate"] == 1.0  # it names its subject
     assert "names the asked instrument 1.000" in result.report.summary()
+    assert m["state_claims_rate"] == m["state_claim_accuracy"] == m["state_agreement_rate"] == 1.0
+    assert "names the right state 1.000  answers the state it names 1.000" in result.report.summary()
     assert m["frames_played"] == 36
     assert m["frames_received"] is not None and m["frames_received"] >= 34, m  # best effort may drop a first frame
     latency = m["latency_ms"]

@@ -187,7 +187,9 @@ class EvalReport:
         ]
         if self.reasoning:
             lines.insert(2, f"  reasoning: coherence of checkable claims {_fmt(m['claimed_coherence_rate'])}  "
-                         f"names the asked instrument {_fmt(m['subject_rate'])}")  # fmt: skip
+                         f"names the asked instrument {_fmt(m['subject_rate'])}  names the right state "
+                         f"{_fmt(m['state_claim_accuracy'])}  answers the state it names "
+                         f"{_fmt(m['state_agreement_rate'])}")  # fmt: skip
         if m["skipped"]:
             lines.append("  not asked: " + ", ".join(f"{n} {why}" for why, n in m["skipped"].items()))
         if m["errors"]:
@@ -208,6 +210,10 @@ class EvalReport:
             ("Coherence rate", f"{_fmt(m['coherence_rate'])} of {m['n_with_reasoning'] or 0} reasoned answers"),
             ("Coherence of checkable claims", _fmt(m["claimed_coherence_rate"])),
             ("Reasoning names the asked instrument", _fmt(m["subject_rate"])),
+            (
+                "Reasoning names the right state / the answer is the state it names",
+                f"{_fmt(m['state_claim_accuracy'])} / {_fmt(m['state_agreement_rate'])}",
+            ),
             (
                 "Node latency p50 / p95 / max (ms)",
                 f"{_fmt(lat['p50'], 1)} / {_fmt(lat['p95'], 1)} / {_fmt(lat['max'], 1)}",
