@@ -30,12 +30,18 @@ def _own_reasoning(r: dict) -> str:
     return f" + {own} own reasoning" if own else ""
 
 
+def _refit_row(name: str, stage: dict, trained: str, steps: str, size: str) -> str:
+    """A refit's row in the stage table: what it trains, on which kinds, its steps, its data, lr and minutes."""
+    r = stage["result"]
+    return (f"| {name} | {trained} | {', '.join(r['kinds'])}{_own_reasoning(r)} | {steps} | {size} | {r['lr']} | "
+            f"{stage['seconds'] / 60:.1f} |")  # fmt: skip
+
+
 def _readout_row(name: str, stage: dict) -> str:
     """The stage table's row of a readout refit (its steps: the best step kept)."""
     r = stage["result"]
-    return (f"| {name} | answer, tag and name rows of the output head refit | {', '.join(r['kinds'])}"
-            f"{_own_reasoning(r)} | {r['best_step']} | {r['positions']} positions | {r['lr']} | "
-            f"{stage['seconds'] / 60:.1f} |")  # fmt: skip
+    return _refit_row(name, stage, "answer, tag and name rows of the output head refit", str(r["best_step"]),
+                      f"{r['positions']} positions")  # fmt: skip
 
 
 def _readout_text(r: dict) -> str:
@@ -48,9 +54,8 @@ frames; the readout row's steps are that step)"""
 def _last_layer_row(name: str, stage: dict) -> str:
     """The stage table's row of a last-layer refit."""
     r = stage["result"]
-    return (f"| {name} | last decoder layer + final norm (SFT loss, cached inputs) | {', '.join(r['kinds'])}"
-            f"{_own_reasoning(r)} | {r['best_step']} of {r['steps']} | {r['rows']} rows | {r['lr']} | "
-            f"{stage['seconds'] / 60:.1f} |")  # fmt: skip
+    return _refit_row(name, stage, "last decoder layer + final norm (SFT loss, cached inputs)",
+                      f"{r['best_step']} of {r['steps']}", f"{r['rows']} rows")  # fmt: skip
 
 
 def _last_layer_text(r: dict) -> str:
