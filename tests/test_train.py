@@ -162,6 +162,15 @@ def test_readout_again_needs_the_blocks_it_repeats(tmp_path):
         check_spec(spec, "micro")
 
 
+def test_a_refit_block_with_no_settings_runs_with_the_defaults():
+    from surgery_r1_ros.training.builtin import REFITS
+
+    asked = {refit.name: refit.asked for refit in REFITS}
+    assert asked["readout"]({"readout": None}) and asked["readout"]({"readout": {}})  # `readout:` alone: defaults
+    assert not asked["readout"]({}) and not asked["last_layer"]({"readout": {}})
+    assert asked["readout_again"]({"readout_again": True}) and not asked["readout_again"]({"readout_again": False})
+
+
 def test_rft_config_must_set_grpo_knobs(micro, tmp_path):
     raw = rft_config(micro, tmp_path)
     del raw["trainer"]["beta"]

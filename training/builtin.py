@@ -77,10 +77,15 @@ class Refit:
         """Its name in the installed model's pipeline record."""
         return self.block.replace("_", " ")
 
+    def asked(self, spec: dict[str, Any]) -> bool:
+        """Whether the pipeline YAML asks for it: its block is there (even empty: the defaults), or, for a
+        repeat, its flag is true."""
+        return self.name in spec if self.name == self.block else bool(spec.get(self.name))
+
 
 # The refits after GRPO, in the order they run, each on the model the one before made: the readout rows first,
 # then the last layer learns to feed them, then the rows are refit to the new layer (README: both orders measured).
-# One runs when its top-level key is set: its block, or ``readout_again: true``.
+# One runs when the YAML asks for it (``Refit.asked``): its block, or ``readout_again: true``.
 REFITS = (Refit("readout", "readout", "readout refit"), Refit("last_layer", "last_layer", "last-layer refit"),
           Refit("readout_again", "readout", "readout refit again"))  # fmt: skip
 TRAINING_STAGES = ("vision", "sft_a", "sft_b", "rft")
@@ -281,7 +286,8 @@ class Pipeline:
         """One of ``REFITS``, from ``model``, with its block's settings (training/readout.py, last_layer.py)."""
         folder = self.work / refit.name
         fit = refit_function(refit.block)
-        result = fit(model, self.mix, folder, seed=int(self.spec.get("seed", 0)), **self.spec[refit.block])
+        settings = self.spec[refit.block] or {}
+        result = fit(model, self.mix, folder, seed=int(self.spec.get("seed", 0)), **settings)
         return {"final": str(folder), **result}
 
     def reliance(self, models: dict[str, str]) -> dict:
@@ -334,7 +340,7 @@ def check_spec(spec: dict[str, Any], source: str) -> None:
 
     check_keys(source, spec, TOP_LEVEL)
     for refit in REFITS:
-        if refit.name != refit.block and spec.get(refit.name) and refit.block not in spec:
+        if refit.asked(spec) and refit.block not in spec:
             raise ValueError(f"{source}: {refit.name} repeats the {refit.block} block's refit: it needs that block")
     check_keys(f"{source} eval", spec.get("eval") or {}, EVAL_KEYS)
     check_keys(f"{source} vision", spec.get("vision") or {}, {"time_budget_minutes", "trainer"})
@@ -373,7 +379,7 @@ def run_builtin(out: str | Path, work: str | Path, config: str = "builtin_pipeli
     rft = p.stage("rft", lambda: p.train("rft", "rft", sft_final, spec["rft"]))
     answering = {"untrained": init["folder"], "sft": sft_final, "sft_grpo": rft["final"]}
     for refit in REFITS:
-        if spec.get(refit.name):
+        if refit.asked(spec):
             start = list(answering.values())[-1]
             answering[refit.name] = p.stage(refit.name, lambda r=refit, m=start: p.refit(r, m))["final"]
     final = list(answering)[-1]
