@@ -31,7 +31,7 @@ from surgery_r1_ros.model.prompts import IGNORE_INDEX
 
 from .config import DataConfig
 from .dataset import ImageCache, SFTCollator, load_records, sft_row
-from .readout import answer_and_tag_ids, frame_ids_of, own_reasoning_rows
+from .readout import answer_and_tag_ids, frame_ids_of, own_reasoning_from_mix
 
 log = logging.getLogger(__name__)
 
@@ -318,12 +318,8 @@ def refit_last_layer(
     loaded.model.eval()
     records = load_records(DataConfig(mix=str(mix), kinds=list(kinds), limit=questions, seed=seed))
     rows = [sft_row(r, image_size(loaded.processor)) for r in records]
-    own_rows = []
-    if own_reasoning:
-        cot = load_records(DataConfig(mix=str(mix), kinds=["cot"], limit=own_reasoning, seed=seed + 1))
-        own_rows = [
-            {**row, "answer_only": True} for row in own_reasoning_rows(loaded, cot, batch_size, reasoning_tokens)
-        ]
+    own = own_reasoning_from_mix(loaded, mix, own_reasoning, seed, batch_size, reasoning_tokens)
+    own_rows = [{**row, "answer_only": True} for row in own]
     cached = cache_rows(loaded, rows + own_rows, batch_size)
     if keep_boxes:
         tags = tuple(loaded.processor.tokenizer.convert_tokens_to_ids(["<box>", "</box>"]))

@@ -145,6 +145,18 @@ def own_reasoning_rows(loaded, records: list[dict], batch_size: int = 16, max_ne
     return rows
 
 
+def own_reasoning_from_mix(loaded, mix: str | Path, questions: int, seed: int, batch_size: int,
+                           max_new_tokens: int) -> list[dict]:  # fmt: skip
+    """``own_reasoning_rows`` on ``questions`` reasoning questions of ``mix`` (drawn with ``seed + 1``: not the
+    refit's other rows); none for 0 questions."""
+    if not questions:
+        return []
+    cot = load_records(DataConfig(mix=str(mix), kinds=["cot"], limit=questions, seed=seed + 1))
+    rows = own_reasoning_rows(loaded, cot, batch_size, max_new_tokens)
+    log.info("own reasoning: %d of %d completions closed their <think> block", len(rows), len(cot))
+    return rows
+
+
 def own_reasoning_positions(loaded, rows: list[dict], batch_size: int, frame_ids: dict[str, int]) -> Positions:
     """``rows``' positions due an answer-label or protocol-tag token; the reasoning positions are left out (the
     model wrote those tokens itself: fitting them would teach it nothing)."""
@@ -260,11 +272,7 @@ def refit_readout(
     loaded.model.eval()
     records = load_records(DataConfig(mix=str(mix), kinds=list(kinds), limit=questions, seed=seed))
     rows = [sft_row(r, image_size(loaded.processor)) for r in records]
-    own_rows = []
-    if own_reasoning:
-        cot = load_records(DataConfig(mix=str(mix), kinds=["cot"], limit=own_reasoning, seed=seed + 1))
-        own_rows = own_reasoning_rows(loaded, cot, batch_size, reasoning_tokens)
-        log.info("own reasoning: %d of %d completions closed their <think> block", len(own_rows), len(cot))
+    own_rows = own_reasoning_from_mix(loaded, mix, own_reasoning, seed, batch_size, reasoning_tokens)
     frame_ids = frame_ids_of(rows + own_rows)
     positions = collect_positions(loaded, rows, batch_size, frame_ids)
     if own_rows:
