@@ -146,13 +146,20 @@ def check_coherence(reasoning: str, box: Box, image_size: Size, subject: str | N
     return CoherenceResult(claims, contradicted)
 
 
+def state_mentions(reasoning: str) -> list[tuple[int, str]]:
+    """Where the reasoning names an instrument state: (character offset, state in the vocabulary's spelling),
+    in order. For "suction" the offset is that of the phrase that makes it a state ("performing suction")."""
+    found = [(m.start(), state) for state, pattern in _STATE_PATTERNS.items() for m in pattern.finditer(reasoning)]
+    found += [(m.start(), "Suction") for m in _STATE_USE_OF_SUCTION.finditer(reasoning)]
+    return sorted(found)
+
+
 def stated_state(reasoning: str) -> str | None:
-    """The instrument state the reasoning concludes: the last state it names ("... so its state is idle"), in
+    """The instrument state the reasoning concludes: the last state it names ("its state is idle: ..."), in
     the vocabulary's spelling, or None when it names none. Evaluation compares it with the truth and with the
     answer: reasoning that names one state and answers another explains nothing."""
-    found = [(m.end(), state) for state, pattern in _STATE_PATTERNS.items() for m in pattern.finditer(reasoning)]
-    found += [(m.end(), "Suction") for m in _STATE_USE_OF_SUCTION.finditer(reasoning)]
-    return max(found)[1] if found else None
+    mentions = state_mentions(reasoning)
+    return mentions[-1][1] if mentions else None
 
 
 def describe_position(box: Box, size: Size) -> str:
@@ -170,6 +177,7 @@ __all__ = [
     "claim_holds",
     "claims_in",
     "describe_position",
+    "state_mentions",
     "stated_state",
     "subject_claims",
 ]

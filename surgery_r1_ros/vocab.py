@@ -77,6 +77,11 @@ def instrument_phrase(instrument: str) -> str:
     return instrument.replace("_", " ")
 
 
+def state_phrase(state: str) -> str:
+    """A state as a sentence writes it: "Tissue_Manipulation" -> "tissue manipulation"."""
+    return state.replace("_", " ").lower()
+
+
 def answer_kind(answer: str) -> QuestionKind:
     """Which kind of question an answer from the vocabulary belongs to."""
     if answer in ORGANS:

@@ -90,6 +90,8 @@ def test_centre_as_a_noun_is_not_a_claim():
         ("Its jaws are closed; that is idle. Then Cutting, now Tool_Manipulation.", "Tool_Manipulation"),
         ("The asked-about suction shows a thin tube; it is not touching anything, so its state is idle.", "Idle"),
         ("Fluid is drawn into its open tip; that is suction.", "Suction"),
+        ("Its state is suction, since fluid is drawn into its open tip.", "Suction"),
+        ("It is performing cutting: its blades are open over a fresh cut line.", "Cutting"),
         ("A row of staples lines the tissue at its jaws.", None),  # "staples" is not the state "staple"
         ("The suction is in the upper left.", None),  # the instrument, not the state
     ],

@@ -4,10 +4,12 @@ from collections import Counter
 
 import pytest
 
-from surgery_r1_ros.coherence import check_coherence
+from surgery_r1_ros.coherence import check_coherence, state_mentions
+from surgery_r1_ros.data.cues import STATE_CUES
 from surgery_r1_ros.data.mix import build_mix, format_mix_counts, read_mix, write_mix
 from surgery_r1_ros.data.vqla import load_vqla
 from surgery_r1_ros.protocol import PromptMode, build_target, parse_output, target_mode
+from surgery_r1_ros.vocab import STATES
 
 
 def test_every_question_gets_one_record_of_each_kind(tiny_vqla):
@@ -30,6 +32,18 @@ def test_reasoning_is_coherent_names_the_subject_and_states_the_answer(tiny_vqla
         if record["subject"]:
             assert record["subject"].replace("_", " ") in record["reasoning"]
         assert record["answer"].replace("_", " ").lower() in record["reasoning"].lower()
+
+
+def test_state_reasoning_names_the_true_state_before_its_cue(tiny_vqla):
+    """The state is written where the model still holds what it read from the frame, and the cue after it does
+    not name another state (the coherence check's ``stated_state`` reads back the answer)."""
+    records = [r for r in build_mix(load_vqla(tiny_vqla)) if r["kind"] == "cot" and r["answer"] in STATES]
+    assert records
+    for record in records:
+        reasoning, state = record["reasoning"], record["answer"]
+        assert {named for _, named in state_mentions(reasoning)} == {state}, reasoning  # ("staple marks": Staple)
+        cue_at = min(reasoning.find(cue) for cue in STATE_CUES[state] if cue in reasoning)
+        assert state_mentions(reasoning)[0][0] < cue_at
 
 
 def test_reasoning_wording_varies_and_is_deterministic(tiny_vqla):

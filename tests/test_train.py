@@ -783,7 +783,7 @@ def test_readout_refit_writes_a_plain_model_with_its_own_head(micro, tmp_path):
     from surgery_r1_ros.cli import main
     from surgery_r1_ros.model import load_model
     from surgery_r1_ros.model.tokenizer import TAG_TOKENS
-    from surgery_r1_ros.vocab import instrument_phrase
+    from surgery_r1_ros.vocab import instrument_phrase, state_phrase
 
     out = tmp_path / "readout"
     args = ["train", "readout", "--model", str(micro["model"]), "--mix", str(micro["mix"]), "--out", str(out)]
@@ -799,6 +799,8 @@ def test_readout_refit_writes_a_plain_model_with_its_own_head(micro, tmp_path):
     assert set(tokenizer.convert_tokens_to_ids(list(TAG_TOKENS))) <= set(rows)  # the tags compete with answers
     name = tokenizer.encode(" " + instrument_phrase("bipolar_forceps"), add_special_tokens=False)
     assert set(name) <= set(rows)  # and the instrument names that reasoning writes
+    state = tokenizer.encode(" " + state_phrase("Tissue_Manipulation"), add_special_tokens=False)
+    assert set(state) <= set(rows)  # and the states as it writes them ("Its state is tissue manipulation: ...")
     assert not {tokenizer.convert_tokens_to_ids(d) for d in "0123456789"} & set(rows)  # box digits stay as trained
     others = torch.ones(embed.shape[0], dtype=torch.bool)
     others[rows] = False
@@ -874,10 +876,12 @@ def test_readout_refit_with_own_reasoning_fits_on_more_positions(micro, tmp_path
 
 
 def test_state_probe_reads_just_before_the_state_is_given(micro):
-    """The reasoning position ends where the state's cue starts; the vector is the last token of that prefix."""
+    """The reasoning position ends where the state is first given away (the mix names it before its cue); the
+    vector is the last token of that prefix."""
     from PIL import Image
     from surgery_r1_ros.training.state_probe import hidden_before_state, last_prefix_token, prefix_before_state
 
+    from surgery_r1_ros.coherence import stated_state
     from surgery_r1_ros.data.cues import STATE_CUES
     from surgery_r1_ros.data.mix import read_mix
     from surgery_r1_ros.model import encode_prompt, load_model
@@ -889,8 +893,11 @@ def test_state_probe_reads_just_before_the_state_is_given(micro):
     for record in records:
         mode, prefix = prefix_before_state(record, "reasoning")
         rest = ("<think>" + record["reasoning"])[len(prefix) :].lstrip()
-        assert mode is PromptMode.REASON and any(rest.startswith(cue) for cue in STATE_CUES[record["answer"]])
+        assert mode is PromptMode.REASON and stated_state(prefix) is None and stated_state(rest) == record["answer"]
         assert prefix_before_state(record, "answer") == (PromptMode.GROUND, "<answer>")
+    cue = STATE_CUES[records[0]["answer"]][0]
+    cue_first = {**records[0], "reasoning": f"Here {cue}, so it is {records[0]['answer']}."}
+    assert prefix_before_state(cue_first, "reasoning") == (PromptMode.REASON, "<think>Here")  # a cue gives it away too
     assert prefix_before_state({**records[0], "reasoning": "Nothing about its tip."}, "reasoning") is None
     loaded = load_model(micro["model"])
     prefixes = [prefix_before_state(r, "reasoning")[1] for r in records] + ["<answer>"]

@@ -9,8 +9,9 @@ the protocol's tag rows (``</think>``, ``<answer>``, ...) compete at the same po
 with the answer rows (reasoning format 0.923 -> 0.958 on the 1,566 held-out questions), and so are the rows of
 the instrument names as reasoning writes them ("... the asked-about bipolar forceps ..."): without them the
 built-in model's reasoning named the instrument asked about in 0.25 of its answers, with them 0.41 (format
-0.958 -> 0.989). The box digits' rows are not fitted: fitting them raised teacher-forced digit accuracy but
-lowered true mIoU (0.238 -> 0.214).
+0.958 -> 0.989), and the rows of the states as reasoning writes them ("Its state is tissue manipulation: ..."),
+where the reasoning states what it concludes. The box digits' rows are not fitted: fitting them raised
+teacher-forced digit accuracy but lowered true mIoU (0.238 -> 0.214).
 
 At run time a reasoning answer follows the model's own reasoning, not SFT's templates, and the hidden states
 it is read from differ accordingly. With ``own_reasoning`` the stage first lets the model reason greedily on
@@ -19,14 +20,15 @@ answer and tag positions after the reasoning to the fit. On the built-in model (
 which closed their ``<think>`` block; 1,566 held-out questions): reasoning accuracy 0.527 -> 0.587 (organ
 0.767 -> 0.980), format 0.989 -> 0.980, and direct accuracy 0.624 -> 0.635 as well.
 
-This stage freezes the whole model, runs it teacher-forced over training rows (no augmentation) and keeps,
-at every completion position, the last hidden state and the target token. Then only the output head's rows
-of the answer vocabulary's tokens (``vocab.ANSWERS``: states, quadrants, organs), of the protocol's tags
-(``TAG_TOKENS``) and of the instrument names are fitted, with the full softmax over the vocabulary at every
-position: the rows learn to win where their token is due and are pushed down everywhere else (box digits,
-other reasoning words). Every other row keeps its weights, so nothing but the competition between answers,
-tags and names changes. With the rest fixed this is a convex problem on cached vectors: 400 full-batch steps
-take 1.5 min on 2 CPU cores; the step kept is the best on held-out frames.
+This stage freezes the whole model, runs it teacher-forced over training rows (no augmentation) and keeps, at
+every completion position, the last hidden state and the target token. Then only the output head's rows of the
+answer vocabulary's tokens (``vocab.ANSWERS``: states, quadrants, organs), of the protocol's tags
+(``TAG_TOKENS``) and of the instrument names and states in words are fitted, with the full softmax over the
+vocabulary at every position: the rows learn to win where their token is due and are pushed down everywhere
+else (box digits, other reasoning words). Every other row keeps its weights, so nothing but the competition
+between answers, tags, names and state words
+changes. With the rest fixed this is a convex problem on cached vectors: 400
+full-batch steps take 1.5 min on 2 CPU cores; the step kept is the best on held-out frames.
 
 The head is untied from the input embeddings first (the saved config says ``tie_word_embeddings: false``,
 as Qwen2.5-VL-7B's does); the model stays a plain ``Qwen2_5_VLForConditionalGeneration``. No library fits
@@ -45,7 +47,7 @@ from tqdm import tqdm
 
 from surgery_r1_ros.model.prompts import IGNORE_INDEX
 from surgery_r1_ros.model.tokenizer import TAG_TOKENS
-from surgery_r1_ros.vocab import ANSWERS, INSTRUMENTS, instrument_phrase
+from surgery_r1_ros.vocab import ANSWERS, INSTRUMENTS, STATES, instrument_phrase, state_phrase
 
 from .config import DataConfig
 from .dataset import ImageCache, SFTCollator, load_records, sft_row
@@ -78,10 +80,10 @@ def token_ids(tokenizer, texts: tuple[str, ...]) -> list[int]:
 
 
 def readout_token_ids(tokenizer) -> list[int]:
-    """Every token of every answer label, protocol tag and instrument name as a sentence writes it (the rows this
-    stage fits)."""
-    names = tuple(" " + instrument_phrase(name) for name in INSTRUMENTS)
-    return token_ids(tokenizer, ANSWERS + TAG_TOKENS + names)
+    """Every token of every answer label, protocol tag, and instrument name and state as a sentence writes them
+    (the rows this stage fits)."""
+    words = tuple(" " + instrument_phrase(name) for name in INSTRUMENTS) + tuple(" " + state_phrase(s) for s in STATES)
+    return token_ids(tokenizer, ANSWERS + TAG_TOKENS + words)
 
 
 def answer_and_tag_ids(tokenizer) -> list[int]:

@@ -1,13 +1,14 @@
 """Where the language model holds an instrument's state: a linear probe on its last hidden state.
 
 A model states an instrument's state at two places: right after ``<answer>`` in direct mode, and inside its
-reasoning, where the mix's reasoning writes the state's visible cue ("Its state follows from the tip: its
-jaws are closed ..."). The probe takes the last hidden state just before each (teacher-forced on the mix's
-own reasoning), fits a multinomial logistic regression from it to the true state on the training split's
+reasoning, where the mix's reasoning names the state or writes its visible cue, whichever comes first ("Its
+state is idle: its jaws are closed ..."). The probe takes the last hidden state just before each (teacher-forced
+on the mix's own reasoning), fits a multinomial logistic regression from it to the true state on the training split's
 state questions, and scores it on the held-out split's (frames the model never saw), beside always giving
 the commonest state. Its accuracy is what an output layer could read at that position; the model's own
 answers there show what it does read. The positions come from the shared cue vocabulary
-(``data.cues.STATE_CUES``), so a change of the reasoning's wording needs no change here.
+(``data.cues.STATE_CUES``) and state check (``coherence.state_mentions``), so a change of the reasoning's
+wording needs no change here.
 
     surgery-r1 probe-states --model builtin --train runs/builtin/data/train --test runs/builtin/data/test
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from surgery_r1_ros.coherence import state_mentions
 from surgery_r1_ros.data.cues import STATE_CUES
 from surgery_r1_ros.protocol import PromptMode
 from surgery_r1_ros.vocab import STATES
@@ -38,11 +40,13 @@ POSITIONS = ("answer", "reasoning")
 
 def prefix_before_state(record: dict, position: str) -> tuple[PromptMode, str] | None:
     """The prompt mode and the completion up to where ``record``'s state is given at ``position``: ``<answer>``
-    in direct mode, or its reasoning up to the state's cue (None: the reasoning names no cue of the state)."""
+    in direct mode, or its reasoning up to the first place that gives the state away, the state's name or its
+    cue (None: the reasoning gives neither)."""
     if position == "answer":
         return PromptMode.GROUND, "<answer>"
-    reasoning = record.get("reasoning") or ""
-    starts = [reasoning.find(cue) for cue in STATE_CUES.get(record["answer"], ()) if cue in reasoning]
+    reasoning, state = record.get("reasoning") or "", record["answer"]
+    starts = [reasoning.find(cue) for cue in STATE_CUES.get(state, ()) if cue in reasoning]
+    starts += [start for start, named in state_mentions(reasoning) if named == state]
     return (PromptMode.REASON, "<think>" + reasoning[: min(starts)].rstrip()) if starts else None
 
 

@@ -21,7 +21,7 @@ from surgery_r1_ros.boxes import Box, Size, normalized_center, quadrant_of
 from surgery_r1_ros.coherence import check_coherence, describe_position
 from surgery_r1_ros.data.cues import INSTRUMENT_LOOKS, ORGAN_CUES, STATE_CUES
 from surgery_r1_ros.data.vqla import QA, Frame, VQLADataset
-from surgery_r1_ros.vocab import QuestionKind, instrument_phrase
+from surgery_r1_ros.vocab import QuestionKind, instrument_phrase, state_phrase
 
 KINDS = ("vqa", "grounding", "cot")
 
@@ -101,13 +101,15 @@ def _subject_sentences(qa: QA, view: InstrumentView, size: Size, rng: random.Ran
     ]
     if qa.kind is QuestionKind.STATE:
         cue = rng.choice(STATE_CUES.get(qa.answer, ("its appearance matches this action",)))
-        label = qa.answer.replace("_", " ").lower()
+        label = state_phrase(qa.answer)
+        # The state comes before its cue: written cue-first, a model's reasoning wrote the commonest state's cue and
+        # then that state (a linear probe reads the frame's state there at 0.362, at the answer position at 0.591).
         sentences.append(
             rng.choice(
                 (
-                    f"Looking at its tip, {cue}, so its state is {label}.",
-                    f"The key cue: {cue}, which means it is performing {label}.",
-                    f"Its state follows from the tip: {cue}; that is {label}.",
+                    f"Its state is {label}: {cue}.",
+                    f"It is performing {label}: {cue}.",
+                    f"Its state is {label}, since {cue}.",
                 )
             )
         )
