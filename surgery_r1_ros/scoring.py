@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from surgery_r1_ros import metrics
 from surgery_r1_ros.boxes import Box, Size
-from surgery_r1_ros.coherence import names_subject, stated_state, subject_claims
+from surgery_r1_ros.coherence import check_coherence, names_subject, stated_state, subject_claims
 from surgery_r1_ros.protocol import PromptMode, is_complete
 from surgery_r1_ros.vocab import ANSWERS, QuestionKind, answer_kind, canonical_answer
 
@@ -37,6 +37,9 @@ DEFINITIONS = {
     "about the subject next to a box",
     "claimed_coherence_rate": "reasoning mode only: coherence_rate over the answers counted by claims_rate "
     "(reasoning that makes no checkable claim counts as coherent in coherence_rate; here it is left out)",
+    "true_claims_rate": "reasoning mode only: among answers whose reasoning makes >=1 checkable claim about the "
+    "subject, the share whose claims all hold against the TRUE box (claimed_coherence_rate checks them against the "
+    "predicted box: a reasoning can be right about the frame and still contradict a wrong box)",
     "subject_rate": "reasoning mode only: among instrument questions answered with reasoning, the share whose "
     "reasoning names the instrument asked about (coherence.names_subject)",
     "state_claims_rate": "reasoning mode only: among state questions answered with reasoning, the share whose "
@@ -88,6 +91,7 @@ def score_answers(records: Sequence[AnswerRecord], mode: PromptMode) -> dict:
     reasoning_mode = mode is PromptMode.REASON
     reasoned = [r for r in records if r.reasoning] if reasoning_mode else []
     claimed = [r for r in reasoned if r.box is not None and subject_claims(r.reasoning, r.subject)]
+    claimed_of_truth = [r for r in reasoned if r.truth_box is not None and subject_claims(r.reasoning, r.subject)]
     about_instruments = [r for r in reasoned if r.subject is not None]
     stated = [(r, stated_state(r.reasoning)) for r in reasoned if _kind(r.truth) is QuestionKind.STATE]
     stating = [(r, state) for r, state in stated if state is not None]
@@ -111,6 +115,7 @@ def score_answers(records: Sequence[AnswerRecord], mode: PromptMode) -> dict:
         "n_with_reasoning": len(reasoned) if reasoning_mode else None,
         "claims_rate": (len(claimed) / len(reasoned) if reasoned else 0.0) if reasoning_mode else None,
         "claimed_coherence_rate": _share(claimed, lambda r: r.coherent) if reasoning_mode else None,
+        "true_claims_rate": _share(claimed_of_truth, _claims_hold_on_truth) if reasoning_mode else None,
         "subject_rate": _share(about_instruments, lambda r: names_subject(r.reasoning, r.subject))
         if reasoning_mode
         else None,
@@ -121,6 +126,10 @@ def score_answers(records: Sequence[AnswerRecord], mode: PromptMode) -> dict:
         "confusion": confusion(truth, predicted),
         "definitions": DEFINITIONS,
     }
+
+
+def _claims_hold_on_truth(record: AnswerRecord) -> bool:
+    return check_coherence(record.reasoning or "", record.truth_box, record.frame_size, record.subject).coherent
 
 
 def _share(records: Sequence[T], holds: Callable[[T], bool]) -> float | None:

@@ -8,6 +8,7 @@ from surgery_r1_ros.training.evaluate import Item, score
 
 from surgery_r1_ros.bag_eval.client import fill_answer
 from surgery_r1_ros.bag_eval.report import AskedQuestion, EvalReport
+from surgery_r1_ros.coherence import check_coherence
 from surgery_r1_ros.grounding import ground
 from surgery_r1_ros.protocol import PromptMode
 from surgery_r1_ros.ros_fields import box_to_roi, ns_to_stamp
@@ -65,7 +66,8 @@ def test_eval_and_bag_eval_report_the_same_figures(mode):
     model_card = score(ITEMS, COMPLETIONS, mode, MODEL)
     bag = _bag_report(mode).metrics()
     figures = ("n", "mode", "accuracy", "accuracy_by_kind", "f_score", "miou", "miou_legacy", "format_rate",
-               "coherence_rate", "n_with_reasoning", "claims_rate", "claimed_coherence_rate", "subject_rate",
+               "coherence_rate", "n_with_reasoning", "claims_rate", "claimed_coherence_rate", "true_claims_rate",
+               "subject_rate",
                "per_class", "confusion", "state_by_subject", "state_claims_rate", "state_claim_accuracy",
                "state_agreement_rate")  # fmt: skip
     assert {k: bag[k] for k in figures} == {k: model_card[k] for k in figures}
@@ -106,6 +108,26 @@ def test_reasoning_about_another_instrument_is_coherent_but_not_about_the_subjec
     assert report["subject_rate"] == pytest.approx(2 / 4)  # "performing suction" names the state, not the tool
     assert report["claims_rate"] == pytest.approx(3 / 5)  # 1, 3 and the organ's claim
     assert report["claimed_coherence_rate"] == pytest.approx(1 / 3)
+    assert report["true_claims_rate"] == pytest.approx(1 / 3)  # the true box is the predicted one here
+
+
+def test_true_claims_rate_checks_the_reasoning_against_the_true_box_not_the_predicted_one():
+    """Reasoning right about the frame but next to a wrong box is incoherent and true; the reverse is coherent
+    and false. Coherence alone cannot tell a wrong box from a wrong reasoning."""
+    upper_left, lower_right = (20.0, 20.0, 200.0, 160.0), (400.0, 300.0, 600.0, 440.0)
+
+    def record(truth_box, box, reasoning: str) -> AnswerRecord:
+        coherent = check_coherence(reasoning, box, FRAME, "stapler").coherent
+        return AnswerRecord("left-top", truth_box, FRAME, "stapler", "left-top", box, reasoning, coherent)
+
+    right_words_wrong_box = record(upper_left, lower_right, "The stapler is in the upper left.")
+    wrong_words_own_box = record(upper_left, lower_right, "The stapler is in the lower right.")
+    no_claim = record(upper_left, upper_left, "The stapler is there.")
+    report = score_answers([right_words_wrong_box, wrong_words_own_box, no_claim], PromptMode.REASON)
+    assert report["claimed_coherence_rate"] == pytest.approx(1 / 2) == report["true_claims_rate"]
+    assert score_answers([right_words_wrong_box], PromptMode.REASON)["true_claims_rate"] == 1.0
+    assert score_answers([wrong_words_own_box], PromptMode.REASON)["true_claims_rate"] == 0.0
+    assert score_answers([no_claim], PromptMode.GROUND)["true_claims_rate"] is None
 
 
 def test_state_claims_show_reasoning_that_names_one_state_and_answers_another():

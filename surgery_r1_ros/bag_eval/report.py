@@ -209,6 +209,7 @@ class EvalReport:
             ("Format rate", _fmt(m["format_rate"])),
             ("Coherence rate", f"{_fmt(m['coherence_rate'])} of {m['n_with_reasoning'] or 0} reasoned answers"),
             ("Coherence of checkable claims", _fmt(m["claimed_coherence_rate"])),
+            ("Checkable claims true of the frame (against the true box)", _fmt(m["true_claims_rate"])),
             ("Reasoning names the asked instrument", _fmt(m["subject_rate"])),
             (
                 "Reasoning names the right state / the answer is the state it names",
