@@ -15,6 +15,7 @@ import yaml
 from surgery_r1_ros.training.config import RFT_REQUIRED, find_config, from_dict, load_config
 
 REPO = Path(__file__).resolve().parent.parent
+READOUT_ROWS = "answer, tag, name and state rows of the output head refit"  # the card's stage-table label
 MICRO_DIMS = {
     "image_width": 56, "image_height": 56, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
     "num_attention_heads": 2, "num_key_value_heads": 1, "mrope_section": [4, 6, 6], "vision_depth": 1,
@@ -432,7 +433,7 @@ def test_model_card_tables_come_from_the_pipeline_records(tmp_path):
     }  # fmt: skip
     state["synth"] = {"seconds": 480.0, "result": {}}
     card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
-    assert "| SFT + GRPO | 0.500 | 0.250 | 0.600 | 0.300 | - | - | - | 1.000 | 10 |" in card
+    assert "| SFT + GRPO | 0.500 | 0.250 | 0.600 | 0.300 | - | - | - | - | 1.000 | 10 |" in card
     assert "| SFT only | 0.800 | 1.100 | +0.300 | 64 |" in card
     assert "| sft_a | sft (vision frozen) | vqa | 40 | 8 | 0.002 | 2.0 |" in card
     assert "| sft_b | sft + box attention x0.5 | vqa | 20 | 8 | 0.002 | 1.0 |" in card
@@ -460,12 +461,11 @@ def test_model_card_shows_the_readout_refit_as_the_final_model(tmp_path):
                             "readout/direct/swapped": {**row, "accuracy": 0.3}}},
     }  # fmt: skip
     card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
-    row = ("| readout | answer, tag and name rows of the output head refit | grounding, cot | 7 | 99 positions | "
-           "0.01 | 1.5 |")  # fmt: skip
+    row = f"| readout | {READOUT_ROWS} | grounding, cot | 7 | 99 positions | 0.01 | 1.5 |"
     assert row in card
     assert "| + readout refit | 0.700 | 0.250 |" in card
     assert "| frames of another sequence | 0.300 | -0.400 |" in card  # the final model's, not GRPO's
-    assert "output head's rows of the answer labels, protocol tags and instrument names are refit" in card
+    assert "rows of the answer labels, protocol tags, instrument names and state words are refit" in card
     del state["readout"], state["eval"]["result"]["readout/direct"], state["eval"]["result"]["readout/direct/swapped"]
     card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
     assert "refit" not in card and "| frames of another sequence | 0.400 | -0.100 |" in card
@@ -484,7 +484,7 @@ def test_model_card_shows_the_readout_refit_before_the_last_layer_refit(tmp_path
                             "readout/direct/swapped": {**row, "accuracy": 0.3}}},
     }  # fmt: skip
     card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
-    assert "| readout | answer, tag and name rows of the output head refit | grounding | 7 | 99 positions |" in card
+    assert f"| readout | {READOUT_ROWS} | grounding | 7 | 99 positions |" in card
     assert "| SFT + GRPO | 0.500 | 0.250 |" in card and "| + readout refit | 0.700 | 0.250 |" in card
     assert "| readout refit, direct | - | 0.600 | - |" in card
     assert "| frames of another sequence | 0.300 | -0.400 |" in card  # the final model's, not GRPO's
@@ -505,7 +505,7 @@ def test_model_card_shows_the_readout_refit_before_the_last_layer_refit(tmp_path
     state["eval"]["result"].update({"readout_again/direct": {**row, "accuracy": 0.9},
                                     "readout_again/direct/swapped": {**row, "accuracy": 0.1}})  # fmt: skip
     card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
-    again_row = "| readout_again | answer, tag and name rows of the output head refit | grounding | 5 | 99 positions |"
+    again_row = f"| readout_again | {READOUT_ROWS} | grounding | 5 | 99 positions |"
     assert card.index("| last_layer |") < card.index(again_row)
     assert "; then those output head rows are refit once more" in card
     assert card.index("| + last-layer refit | 0.800 |") < card.index("| + readout refit again | 0.900 |")
@@ -777,7 +777,8 @@ def test_readout_fit_learns_the_answers_the_head_misses_and_leaves_other_rows():
 
 
 def test_readout_refit_writes_a_plain_model_with_its_own_head(micro, tmp_path):
-    """`surgery-r1 train readout`: the saved model loads with an untied head; only answer, tag and name rows changed."""
+    """`surgery-r1 train readout`: the saved model loads with an untied head; only answer, tag, name and state rows
+    changed."""
     from surgery_r1_ros.training.readout import readout_token_ids
 
     from surgery_r1_ros.cli import main

@@ -11,7 +11,8 @@
 5. SFT in phases (a curriculum: short grounding/VQA targets first, then chain of thought added), the vision
    tower frozen, each phase gated on image reliance (it fails loudly when the frame stops mattering),
 6. GRPO from the SFT result,
-7. the readout refit: the output head's answer, tag and name rows fitted to the last hidden states (``readout.py``),
+7. the readout refit: the output head's answer, tag, name and state rows fitted to the last hidden states
+   (``readout.py``),
    then, where the config has a ``last_layer`` block, the language model's last layer refit (``last_layer.py``)
    and, with ``readout_again: true``, the readout refit once more on that layer,
 8. evaluate untrained (direct only) / SFT / SFT+GRPO / the refits on the test split (direct and reasoning), the final
@@ -55,6 +56,7 @@ REPORTED = (
     "format_rate",
     "claims_rate",
     "claimed_coherence_rate",
+    "true_claims_rate",
     "subject_rate",
     "state_claims_rate",
     "state_claim_accuracy",

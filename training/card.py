@@ -9,8 +9,8 @@ from surgery_r1_ros.vocab import QuestionKind
 
 from .builtin import REFITS, TRAINING_STAGES
 
-COLUMNS = ("accuracy", "f_score", "miou_legacy", "miou", "coherence_rate", "claimed_coherence_rate", "subject_rate",
-           "format_rate")  # fmt: skip
+COLUMNS = ("accuracy", "f_score", "miou_legacy", "miou", "coherence_rate", "claimed_coherence_rate", "true_claims_rate",
+           "subject_rate", "format_rate")  # fmt: skip
 # Each row after SFT + GRPO adds its stage to the row above (the stages that ran, in pipeline order).
 ROWS = (("untrained", "untrained (random init)"), ("sft", "SFT only"), ("sft_grpo", "SFT + GRPO"),
         *((r.name, f"+ {r.label}") for r in REFITS))  # fmt: skip
@@ -40,15 +40,15 @@ def _refit_row(name: str, stage: dict, trained: str, steps: str, size: str) -> s
 def _readout_row(name: str, stage: dict) -> str:
     """The stage table's row of a readout refit (its steps: the best step kept)."""
     r = stage["result"]
-    return _refit_row(name, stage, "answer, tag and name rows of the output head refit", str(r["best_step"]),
-                      f"{r['positions']} positions")  # fmt: skip
+    label = "answer, tag, name and state rows of the output head refit"
+    return _refit_row(name, stage, label, str(r["best_step"]), f"{r['positions']} positions")
 
 
 def _readout_text(r: dict) -> str:
     return """; then, with everything else frozen,
-the output head's rows of the answer labels, protocol tags and instrument names are refit to what the last layer holds
-(`training/readout.py`: a convex fit on cached hidden states, the best step chosen on held-out training
-frames; the readout row's steps are that step)"""
+the output head's rows of the answer labels, protocol tags, instrument names and state words are refit to what
+the last layer holds (`training/readout.py`: a convex fit on cached hidden states, the best step chosen on
+held-out training frames; the readout row's steps are that step)"""
 
 
 def _last_layer_row(name: str, stage: dict) -> str:
@@ -277,8 +277,9 @@ come from the text prior, not from the frame. SFT stages fail when the gap is be
 Metric definitions: `surgery_r1_ros/scoring.py` (and `definitions` in each report.json). `miou_legacy` is the
 Surgical-VQLA score, kept for comparison with published tables; `miou` is the true IoU. `coherence_rate` counts
 reasoning that makes no checkable position claim about the question's subject as coherent;
-`claimed_coherence_rate` leaves it out, and `subject_rate` is how often the reasoning names the instrument asked
-about at all.
+`claimed_coherence_rate` leaves it out and checks the claims against the predicted box, `true_claims_rate` checks
+the same claims against the true box (reasoning can be right about the frame next to a wrong box), and
+`subject_rate` is how often the reasoning names the instrument asked about at all.
 
 Learning curves: `vision_metrics.csv`, `sft_a_metrics.csv`, `sft_b_metrics.csv`, `rft_metrics.csv` beside the
 weights (every logged loss, reward and learning rate); `make model` also plots them to `runs/builtin/<stage>/`.

@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--max-steps", type=int, help="override trainer.max_steps")
         p.set_defaults(handler=_train, stage=stage)
 
-    readout = sub.add_parser("readout", help="refit the output head's answer, tag and name rows on cached states")
+    readout = sub.add_parser("readout", help="refit the output head's answer, tag, name, state rows on cached states")
     _refit_arguments(readout, questions=2000)
     readout.add_argument("--steps", type=int, default=400)
     readout.set_defaults(handler=_readout)
