@@ -90,8 +90,9 @@ def score_answers(records: Sequence[AnswerRecord], mode: PromptMode) -> dict:
     boxed = [r for r in records if r.truth_box is not None]
     reasoning_mode = mode is PromptMode.REASON
     reasoned = [r for r in records if r.reasoning] if reasoning_mode else []
-    claimed = [r for r in reasoned if r.box is not None and subject_claims(r.reasoning, r.subject)]
-    claimed_of_truth = [r for r in reasoned if r.truth_box is not None and subject_claims(r.reasoning, r.subject)]
+    with_claims = [r for r in reasoned if subject_claims(r.reasoning, r.subject)]  # found once per answer
+    claimed = [r for r in with_claims if r.box is not None]
+    claimed_of_truth = [r for r in with_claims if r.truth_box is not None]
     about_instruments = [r for r in reasoned if r.subject is not None]
     stated = [(r, stated_state(r.reasoning)) for r in reasoned if _kind(r.truth) is QuestionKind.STATE]
     stating = [(r, state) for r, state in stated if state is not None]
