@@ -6,6 +6,7 @@ from surgery_r1_ros.protocol import (
     PromptMode,
     build_messages,
     build_target,
+    format_box,
     parse_output,
     prompt_text,
     target_mode,
@@ -30,8 +31,17 @@ def test_target_round_trips(answer, box, reasoning, mode):
     assert parsed.format_ok(mode)
 
 
-def test_box_is_written_in_whole_pixels():
-    assert build_target("Idle", (10.4, 20.6, 30.0, 40.5)).endswith("<box>[10,21,30,40]</box>")
+def test_box_is_written_in_whole_zero_padded_pixels():
+    assert build_target("Idle", (10.4, 20.6, 130.0, 4.5)).endswith("<box>[010,021,130,004]</box>")
+
+
+def test_box_digits_go_in_place_value_order():
+    """Padded box text sorts like the numbers it writes: each digit a model writes is one place value."""
+    values = [0, 7, 9, 10, 16, 74, 99, 100, 166, 280, 336, 999]
+    texts = [format_box((v, v, v, v)) for v in values]
+    assert texts == sorted(texts)
+    parsed = [parse_output(f"<answer>Idle</answer><box>{t}</box>").box for t in texts]
+    assert parsed == [(float(v),) * 4 for v in values]
 
 
 def test_reasoning_needs_a_box():
