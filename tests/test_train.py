@@ -435,6 +435,7 @@ def test_model_card_tables_come_from_the_pipeline_records(tmp_path):
     card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
     assert "| SFT + GRPO | 0.500 | 0.250 | 0.600 | 0.300 | - | - | - | - | 1.000 | 10 |" in card
     assert "| SFT only | 0.800 | 1.100 | +0.300 | 64 |" in card
+    assert "<answer>kidney</answer><box>[074,022,241,200]</box>" in card  # the output protocol, as the model writes it
     assert "| sft_a | sft (vision frozen) | vqa | 40 | 8 | 0.002 | 2.0 |" in card
     assert "| sft_b | sft + box attention x0.5 | vqa | 20 | 8 | 0.002 | 1.0 |" in card
     assert "| vision | dense (Trainer) | dense ground truth | 30 | 8 | 0.002 | 1.0 |" in card

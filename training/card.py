@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from surgery_r1_ros.protocol import BOX_DIGITS, build_target
 from surgery_r1_ros.vocab import QuestionKind
 
 from .builtin import REFITS, TRAINING_STAGES
@@ -216,6 +217,12 @@ paper's two stages with the vision tower frozen: SFT on the Surgery-R1 mix (Visu
 of thought), then GRPO with format, accuracy, IoU and coherence rewards{refit}. It is the default model of
 `make demo`, the ROS 2 node and the tests. **It has only ever seen synthetic frames: it is a working
 stand-in for a fine-tuned Qwen2.5-VL-3B/7B, not a surgical model.**
+
+## Output
+One protocol in every mode (`surgery_r1_ros/protocol.py`): with reasoning
+`{build_target("kidney", (74, 22, 241, 200), "...")}`, in direct mode the same without `<think>`. The box is in
+the model's input pixels, each number zero-padded to {BOX_DIGITS} digits, so the digits it writes go in
+place-value order.
 
 ## Data
 - train: synthetic, {train.get("sequences")} sequences x {train.get("frames_per_sequence")} frames,
