@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from surgery_r1_ros.boxes import iou
 from surgery_r1_ros.model import load_model
-from surgery_r1_ros.model.prompts import encode_prompt
+from surgery_r1_ros.model.prompts import prompt_texts
 from surgery_r1_ros.protocol import PromptMode, parse_output
 
 RESULTS = Path(__file__).parent / "results" / "box_sampling.json"
@@ -40,12 +40,8 @@ def sampled_boxes(loaded, row: dict, samples: int) -> list[tuple[float, ...]]:
     tokenizer = loaded.processor.tokenizer
     prefix = row["completion"].split("<box>")[0] + "<box>"
     image = Image.open(row["image"]).convert("RGB")
-    batch = encode_prompt(loaded.processor, [image], [row["question"]], PromptMode.GROUND)
-    extra = tokenizer(prefix, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    batch["input_ids"] = torch.cat([batch["input_ids"], extra], 1)
-    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-    if "mm_token_type_ids" in batch:
-        batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(extra)], 1)
+    prompt = prompt_texts(loaded.processor, [row["question"]], [PromptMode.GROUND])[0] + prefix
+    batch = loaded.processor(images=[image], text=[prompt], return_tensors="pt")
     out = loaded.model.generate(**batch.to(loaded.device), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                 num_return_sequences=samples, max_new_tokens=24)  # fmt: skip
     boxes = []
