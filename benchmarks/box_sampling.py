@@ -25,13 +25,15 @@ from surgery_r1_ros.boxes import iou
 from surgery_r1_ros.model import load_model
 from surgery_r1_ros.model.prompts import prompt_texts
 from surgery_r1_ros.protocol import PromptMode, parse_output
+from surgery_r1_ros.vocab import parse_question
 
 RESULTS = Path(__file__).parent / "results" / "box_sampling.json"
 RULES = ("greedy", "median", "mean", "consensus", "best_sample")
 
 
 def question_type(question: str) -> str:
-    return "organ" if "organ" in question else ("state" if "state" in question else "location")
+    """organ, state or location: the kind ``vocab.parse_question`` reads from the question."""
+    return str(parse_question(question)[0])
 
 
 @torch.inference_mode()
