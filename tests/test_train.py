@@ -423,7 +423,8 @@ def test_model_card_tables_come_from_the_pipeline_records(tmp_path):
         "sft_a": {"seconds": 120.0, "result": {"steps": 40, "config": {**config, "freeze_vision": True}}},
         "sft_b": {"seconds": 60.0, "result": {"steps": 20, "config": {**config, "box_attention": 0.5}}},
         "rft": {"seconds": 30.0, "result": {"steps": 7, "stopped_by_time": 7, "config": {
-            **config, "stage": "rft", "trainer": {**trainer, "max_steps": 9}}}},
+            **config, "stage": "rft", "trainer": {**trainer, "max_steps": 9},
+            "rewards": {"format": 0.5, "accuracy": 1.0, "coherence": 0.0}}}},
         "eval": {"result": {"sft_grpo/direct": {**row, "accuracy_by_kind": {"organ": 1.0, "location": 0.5},
                                                 "state_by_subject": by_subject},
                             "sft_grpo/direct/swapped": swapped,
@@ -447,6 +448,7 @@ def test_model_card_tables_come_from_the_pipeline_records(tmp_path):
     assert "| SFT + GRPO | 0.250 | 0.900 | 0.300 | 0.700 |" in card  # reasoning's state claims
     assert "| rft | rft | vqa | 7 of 9, stopped by its time budget | 8 | 0.002 | 0.5 |" in card
     assert "12.5 min on test-machine" in card
+    assert "GRPO with rewards format 0.5, accuracy 1 (coherence computed and logged, weight 0)" in card
 
 
 def test_model_card_shows_the_readout_refit_as_the_final_model(tmp_path):

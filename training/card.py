@@ -178,6 +178,14 @@ def reliance_table(reliance: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def rewards_phrase(rewards: dict[str, float]) -> str:
+    """The GRPO rewards as the card states them: the weighted ones, and those only logged (weight 0)."""
+    used = [f"{name} {weight:g}" for name, weight in rewards.items() if weight]
+    logged = [name for name, weight in rewards.items() if not weight]
+    text = f"rewards {', '.join(used)}"
+    return text + (f" ({', '.join(logged)} computed and logged, weight 0)" if logged else "")
+
+
 def model_card(state: dict, spec: dict, config_path: Path, machine: str) -> str:
     seconds = sum(s.get("seconds", 0.0) for s in state.values())
     init = state.get("init", {}).get("result", {})
@@ -204,6 +212,7 @@ def model_card(state: dict, spec: dict, config_path: Path, machine: str) -> str:
             f"{t.get('per_device_train_batch_size')} | {t.get('learning_rate')} | {s['seconds'] / 60:.1f} |"
         )
     refit_rows, refit = refit_stages(state)
+    rft_rewards = state.get("rft", {}).get("result", {}).get("config", {}).get("rewards", {})
     stages += refit_rows
     synth = state.get("synth", {}).get("result", {})
     train, test = synth.get("train", {}), synth.get("test", {})
@@ -214,7 +223,7 @@ vocabulary {init.get("vocab")}, dims {init.get("dims")}) trained from random wei
 scenes with this repository's pipeline: stage 0, vision pre-training on the renderer's dense ground truth
 (the part a real Qwen2.5-VL brings from its own pre-training: `training/vision_pretrain.py`), then the
 paper's two stages with the vision tower frozen: SFT on the Surgery-R1 mix (Visual-QA, Grounding-QA, chain
-of thought), then GRPO with format, accuracy, IoU and coherence rewards{refit}. It is the default model of
+of thought), then GRPO with {rewards_phrase(rft_rewards)}{refit}. It is the default model of
 `make demo`, the ROS 2 node and the tests. **It has only ever seen synthetic frames: it is a working
 stand-in for a fine-tuned Qwen2.5-VL-3B/7B, not a surgical model.**
 
