@@ -61,3 +61,18 @@ def test_frame_check_pairs_frames_of_two_sequences(tiny_vqla, tmp_path):
     summary = script.summary([0.01, 0.2, 0.06, 0.04])
     assert summary["passes"] == 2 and summary["pairs"] == 4
     assert json.dumps(summary)  # what the script writes
+
+
+def test_grpo_ablation_runs_the_pipelines_grpo_block_with_one_weight_and_seed_swapped(tmp_path):
+    import yaml
+    from surgery_r1_ros.training.builtin import stage_config
+    from surgery_r1_ros.training.config import find_config
+
+    script = load_script("grpo_reward_ablation")
+    pipeline = yaml.safe_load(find_config("builtin_pipeline").read_text())["rft"]
+    block = script.grpo_block(0.25, 9)
+    assert block["rewards"] == {**pipeline["rewards"], "coherence": 0.25}
+    assert block["data"] == {**pipeline["data"], "seed": 9}
+    assert block["trainer"] == pipeline["trainer"] and "time_budget_minutes" not in block
+    config = stage_config("rft", "rft", "sft_model", tmp_path / "rft", tmp_path / "mix.jsonl", block)
+    assert config.rewards["coherence"] == 0.25 and config.data.seed == 9
