@@ -8,7 +8,8 @@
 built-in pipeline's GRPO block (``training/configs/builtin_pipeline.yaml``, that weight swapped in) and evaluates
 the result on the test split in direct and reasoning mode, as the pipeline's eval stage does. Written because
 the pipeline runs GRPO once, with one weight: the README's "GRPO and the coherence reward" table comes from here.
-About 4 min per run on 2 CPU cores. Writes benchmarks/results/grpo_reward_ablation.json.
+About 4 min per run on 2 CPU cores; the same command again resumes. Writes
+benchmarks/results/grpo_reward_ablation.json.
 """
 
 from __future__ import annotations
@@ -42,11 +43,16 @@ def run(work: Path, out: Path, coherence: float, seed: int, eval_batch: int, rea
     """GRPO from ``work``'s SFT model into ``out``, then both evaluation modes on ``work``'s test split."""
     config = stage_config("rft", "rft", str(work / "sft_b" / "final"), out / "rft", work / "data" / "train_mix.jsonl",
                           grpo_block(coherence, seed))  # fmt: skip
-    final = run_rft(config)
+    # A run cut short resumes: a finished model and finished reports are kept, GRPO goes on from its checkpoint.
+    final = out / "rft" / "final"
+    if not (final / "model.safetensors").is_file():
+        final = run_rft(config, resume=True)
     row: dict = {"coherence_weight": coherence, "seed": seed, "model": str(final)}
     for mode, keys, reasoning in (("direct", DIRECT, False), ("reason", REASONING, True)):
-        report = evaluate(final, work / "data" / "test", "all", out / mode, reasoning=reasoning,
-                          batch_size=eval_batch, max_new_tokens=reason_tokens if reasoning else None)  # fmt: skip
+        done = out / mode / "report.json"
+        report = json.loads(done.read_text()) if done.is_file() else evaluate(
+            final, work / "data" / "test", "all", out / mode, reasoning=reasoning, batch_size=eval_batch,
+            max_new_tokens=reason_tokens if reasoning else None)  # fmt: skip
         row[mode] = {k: report.get(k) for k in keys}
     return row
 
