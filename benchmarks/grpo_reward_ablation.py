@@ -19,15 +19,12 @@ import json
 from pathlib import Path
 
 import yaml
-from surgery_r1_ros.training.builtin import PIPELINE_ONLY, stage_config
+from surgery_r1_ros.training.builtin import PIPELINE_ONLY, REPORTED, stage_config
 from surgery_r1_ros.training.config import find_config
 from surgery_r1_ros.training.evaluate import evaluate
 from surgery_r1_ros.training.rft import run_rft
 
 RESULTS = Path(__file__).parent / "results" / "grpo_reward_ablation.json"
-DIRECT = ("accuracy", "miou", "format_rate")
-REASONING = ("accuracy", "miou", "format_rate", "coherence_rate", "claims_rate", "claimed_coherence_rate",
-             "subject_rate", "state_claims_rate", "state_claim_accuracy", "state_agreement_rate")  # fmt: skip
 
 
 def grpo_block(coherence: float, seed: int) -> dict:
@@ -48,12 +45,12 @@ def run(work: Path, out: Path, coherence: float, seed: int, eval_batch: int, rea
     if not (final / "model.safetensors").is_file():
         final = run_rft(config, resume=True)
     row: dict = {"coherence_weight": coherence, "seed": seed, "model": str(final)}
-    for mode, keys, reasoning in (("direct", DIRECT, False), ("reason", REASONING, True)):
+    for mode, reasoning in (("direct", False), ("reason", True)):
         done = out / mode / "report.json"
         report = json.loads(done.read_text()) if done.is_file() else evaluate(
             final, work / "data" / "test", "all", out / mode, reasoning=reasoning, batch_size=eval_batch,
             max_new_tokens=reason_tokens if reasoning else None)  # fmt: skip
-        row[mode] = {k: report.get(k) for k in keys}
+        row[mode] = {k: report[k] for k in REPORTED if k in report}  # what the pipeline's eval stage keeps
     return row
 
 
