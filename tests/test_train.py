@@ -635,7 +635,7 @@ def test_reliance_gate_fails_a_model_fed_constant_image_tokens(micro, tmp_path):
 def test_eval_frame_variants(micro):
     import numpy as np
     from surgery_r1_ros.training.augment import augment, degrade
-    from surgery_r1_ros.training.evaluate import generate, items_of, swapped_frames
+    from surgery_r1_ros.training.evaluate import degrade_seed, generate, items_of, swapped_frames
 
     items = items_of(micro["data"], "all")
     mapping = swapped_frames(items)
@@ -644,6 +644,9 @@ def test_eval_frame_variants(micro):
     image = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
     assert np.array_equal(degrade(image, seed=1), degrade(image, seed=1))
     assert degrade(image).mean() < image.mean()  # darker
+    frame = "seq_1/left_frames/frame000.png"  # the same frame wherever the dataset lives: the same noise
+    assert degrade_seed(f"runs/a/data/test/{frame}") == degrade_seed(f"/data/test/{frame}")
+    assert len({degrade_seed(f"x/{p}") for p in (frame, frame.replace("1", "2", 1), frame.replace("000", "001"))}) == 3
     varied = augment(image, np.random.default_rng(0))
     assert varied.shape == image.shape and varied.dtype == np.uint8 and not np.array_equal(varied, image)
     with pytest.raises(ValueError, match="frames must be one of"):

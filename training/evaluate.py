@@ -110,6 +110,12 @@ def swapped_frames(items: Sequence[Item]) -> dict[str, str]:
     return mapping
 
 
+def degrade_seed(path: str) -> int:
+    """The noise seed of a frame's degraded copy, from its path within the dataset (``seq_1/left_frames/
+    frame000.png``), so the same frames give the same degraded copies wherever the dataset lives."""
+    return zlib.crc32("/".join(Path(path).parts[-3:]).encode())
+
+
 def encode_frames_once(model, batch: dict, frame_keys: Sequence[str]) -> dict:
     """``batch`` with its frames run through the vision tower once each (``frame_keys``: one per prompt, equal
     for the same frame) and passed to the model as ``mm_encoder_outputs`` in place of ``pixel_values``.
@@ -178,7 +184,7 @@ def generate(
                 with Image.open(source.get(path, path)) as raw:
                     cache[path] = raw.convert("RGB")
                 if frames == "degraded":
-                    cache[path] = Image.fromarray(degrade(np.asarray(cache[path]), seed=zlib.crc32(path.encode())))
+                    cache[path] = Image.fromarray(degrade(np.asarray(cache[path]), seed=degrade_seed(path)))
             images.append(cache[path])
         batch = encode_prompt(processor, images, [items[i].question for i in idx], [mode] * len(idx))
         batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
