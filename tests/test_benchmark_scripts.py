@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,3 +77,35 @@ def test_grpo_ablation_runs_the_pipelines_grpo_block_with_one_weight_and_seed_sw
     assert block["trainer"] == pipeline["trainer"] and "time_budget_minutes" not in block
     config = stage_config("rft", "rft", "sft_model", tmp_path / "rft", tmp_path / "mix.jsonl", block)
     assert config.rewards["coherence"] == 0.25 and config.data.seed == 9
+
+
+def test_location_probe_reads_the_box_tokens_and_the_answer_position(tmp_path):
+    """The location probe's rows come from an eval's location predictions; one pass gives, per question, the
+    box-mean state of every layer, the last layer's heads where the answer is predicted, and a mass in [0, 1]."""
+    from surgery_r1_ros.data.synth import SynthOptions, generate_dataset
+    from surgery_r1_ros.model import load_model
+
+    script = load_script("location_probe")
+    assert [script.quadrant(b, (336, 280)) for b in ([0, 0, 10, 10], [0, 200, 10, 280], [300, 0, 336, 9])] == [0, 1, 2]
+    generate_dataset(tmp_path, SynthOptions(sequences=1, frames_per_sequence=1, seed=3, size=(336, 280)))
+    image = str(next(tmp_path.glob("seq_*/left_frames/*.png")))
+    predictions = [
+        {"image": image, "question": "Where is suction located?", "answer": "left-top", "predicted": "left-top",
+         "box": [10.0, 20.0, 100.0, 90.0]},
+        {"image": image, "question": "What is the state of suction?", "answer": "Idle", "predicted": "Idle",
+         "box": [10.0, 20.0, 100.0, 90.0]},
+        {"image": image, "question": "Where is stapler located?", "answer": "right-bottom", "predicted": "left-top",
+         "box": [200.0, 150.0, 330.0, 270.0]},
+    ]  # fmt: skip
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    rows, right = script.test_rows(path, (336, 280))
+    assert [r["question"] for r in rows] == ["Where is suction located?", "Where is stapler located?"]
+    assert right.tolist() == [True, False]
+    loaded = load_model(None, attn_implementation="eager")
+    read = script.read(loaded, rows)
+    config = loaded.model.config.text_config
+    assert read["layers"].shape == (2, config.num_hidden_layers + 1, config.hidden_size)
+    assert read["heads"].shape == (2, config.num_attention_heads, config.hidden_size // config.num_attention_heads)
+    assert read["quadrant"].tolist() == [0, 3] and ((read["mass"] > 0) & (read["mass"] < 1)).all()
+    assert not np.allclose(read["layers"][0], read["layers"][1])  # two boxes: two different means

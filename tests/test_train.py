@@ -504,6 +504,11 @@ def test_model_card_shows_the_readout_refit_before_the_last_layer_refit(tmp_path
     assert card.index("output head's rows") < card.index("last decoder layer and final norm are trained")
     assert card.index("| + readout refit | 0.700 |") < card.index("| + last-layer refit | 0.800 |")
     assert "| frames of another sequence | 0.200 | -0.600 |" in card  # now the last-layer refit's
+    assert "box attention" not in card
+    refit.update(box_attention=0.5, box_attention_mass_before=0.11, box_attention_mass_after=0.83)
+    card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
+    assert "look at the question's box while it writes the\nanswer and box (box attention, weight 0.5: held-out " \
+           "attention mass on the box\n0.11 -> 0.83)" in card  # fmt: skip
     state["readout_again"] = {"seconds": 60.0, "result": {**readout, "best_step": 5}}
     state["eval"]["result"].update({"readout_again/direct": {**row, "accuracy": 0.9},
                                     "readout_again/direct/swapped": {**row, "accuracy": 0.1}})  # fmt: skip
@@ -1009,6 +1014,47 @@ def test_last_layer_refit_lowers_held_out_loss_and_changes_only_the_last_layer(m
     trained = {id(p) for p in [*lm.layers[-1].parameters(), *lm.norm.parameters()]}
     for (name, new), old in zip(after.named_parameters(), before.parameters(), strict=True):
         assert torch.equal(new, old) == (id(new) not in trained), name
+
+
+def test_last_layer_box_attention_is_the_first_heads_attention_and_training_moves_it_onto_the_box(
+    micro, two_layer_model, tmp_path
+):
+    """The first head's attention mass on the box, computed on cached inputs, equals the model's own (eager
+    attention, ``box_attention_loss``); refit with ``--box-attention`` the head looks at the box far more."""
+    from surgery_r1_ros.training.box_attention import box_attention_loss, captured_attention
+    from surgery_r1_ros.training.dataset import ImageCache, SFTCollator
+    from surgery_r1_ros.training.last_layer import batch_losses
+
+    from surgery_r1_ros.cli import main
+    from surgery_r1_ros.model import load_model
+
+    loaded = load_model(two_layer_model, attn_implementation="eager")
+    loaded.model.eval()
+    rows, cached = _cached_micro_rows(loaded, micro, 6)
+    ordered = sorted(rows, key=lambda r: r["image_path"])
+    assert [len(k) > 0 for k in cached.box_keys] == [r["attend_box"] is not None for r in ordered]
+    assert any(len(k) for k in cached.box_keys) and not all(len(k) for k in cached.box_keys)
+    batch = SFTCollator(loaded.processor, ImageCache(), box_cells=True)(ordered)
+    cells, labels = batch.pop("box_cells"), batch.pop("labels")
+    with torch.no_grad(), captured_attention(loaded.model) as weights:
+        loaded.model(**batch)
+        full_loss, full_mass = box_attention_loss(weights[-1:], batch["input_ids"], labels, cells,
+                                                  loaded.model.config.image_token_id)  # fmt: skip
+        _, loss, mass, _ = batch_losses(loaded.model, cached, list(range(len(rows))), box_attention=True)
+    assert mass == pytest.approx(full_mass, rel=1e-4) and loss.item() == pytest.approx(full_loss.item(), rel=1e-4)
+
+    args = ["train", "last-layer", "--model", str(two_layer_model), "--mix", str(micro["mix"]), "--questions", "12",
+            "--epochs", "20", "--lr", "1e-2"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*args, "--out", str(tmp_path / "attend"), "--box-attention", "5.0"]) == 0
+    plain = json.loads((tmp_path / "plain" / "surgery_r1.json").read_text())["last_layer"]
+    attend = json.loads((tmp_path / "attend" / "surgery_r1.json").read_text())["last_layer"]
+    assert "box_attention_mass_after" not in plain and attend["box_attention"] == 5.0
+    assert attend["box_attention_mass_after"] > 2 * attend["box_attention_mass_before"]
+    assert attend["held_loss_after"] < attend["held_loss_before"]
+    assert main([*args, "--out", str(tmp_path / "read"), "--box-attention", "5.0", "--box-readout", "10"]) == 0
+    read = json.loads((tmp_path / "read" / "surgery_r1.json").read_text())["last_layer"]
+    assert read["box_readout"] == 10.0 and read["held_loss_after"] < read["held_loss_before"]
 
 
 def test_last_layer_refit_with_own_reasoning_learns_only_the_answer_and_tags_after_it(
