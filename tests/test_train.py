@@ -1040,7 +1040,7 @@ def test_last_layer_box_attention_is_the_first_heads_attention_and_training_move
         loaded.model(**batch)
         full_loss, full_mass = box_attention_loss(weights[-1:], batch["input_ids"], labels, cells,
                                                   loaded.model.config.image_token_id)  # fmt: skip
-        _, loss, mass, _ = batch_losses(loaded.model, cached, list(range(len(rows))), box_attention=True)
+        _, loss, mass = batch_losses(loaded.model, cached, list(range(len(rows))), box_attention=True)
     assert mass == pytest.approx(full_mass, rel=1e-4) and loss.item() == pytest.approx(full_loss.item(), rel=1e-4)
 
     args = ["train", "last-layer", "--model", str(two_layer_model), "--mix", str(micro["mix"]), "--questions", "12",
@@ -1052,9 +1052,6 @@ def test_last_layer_box_attention_is_the_first_heads_attention_and_training_move
     assert "box_attention_mass_after" not in plain and attend["box_attention"] == 5.0
     assert attend["box_attention_mass_after"] > 2 * attend["box_attention_mass_before"]
     assert attend["held_loss_after"] < attend["held_loss_before"]
-    assert main([*args, "--out", str(tmp_path / "read"), "--box-attention", "5.0", "--box-readout", "10"]) == 0
-    read = json.loads((tmp_path / "read" / "surgery_r1.json").read_text())["last_layer"]
-    assert read["box_readout"] == 10.0 and read["held_loss_after"] < read["held_loss_before"]
 
 
 def test_last_layer_refit_with_own_reasoning_learns_only_the_answer_and_tags_after_it(

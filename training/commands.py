@@ -36,8 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     last.add_argument("--box-attention", type=float, default=0.0,
                       help="weight of a loss that makes the layer's first head look at the question's box while it "
                            "writes the answer and box (training/box_attention.py); 0: off")  # fmt: skip
-    last.add_argument("--box-readout", type=float, default=0.0,
-                      help="weight of a training-only reading of the box off that head's output; 0: off")  # fmt: skip
     last.set_defaults(handler=_last_layer)
 
     builtin = sub.add_parser("builtin", help="reproduce the built-in model: synth data, SFT, GRPO, eval, model card")
@@ -135,7 +133,6 @@ def _last_layer(args: argparse.Namespace) -> int:
     result = refit_last_layer(
         args.model, args.mix, args.out, args.questions, tuple(args.kinds), args.epochs, args.lr,
         keep_boxes=not args.label_boxes, own_reasoning=args.own_reasoning, box_attention=args.box_attention,
-        box_readout=args.box_readout,
     )  # fmt: skip
     print(json.dumps(result, indent=2))
     print(f"model written to {args.out}")

@@ -49,7 +49,6 @@ class CachedRows:
     box_tags: tuple[int, int] | None = None  # ids of <box> and </box>: box positions get soft targets
     teacher: list[torch.Tensor] | None = None  # per row: the original model's probabilities at its box positions
     box_keys: list[torch.Tensor] | None = None  # per row: positions of the image tokens inside its box (box attention)
-    boxes: torch.Tensor | None = None  # (rows, 4): each row's attend_box over the frame's width and height (0 without)
 
     def subset(self, keep: list[int]) -> CachedRows:
         def pick(values: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
@@ -57,7 +56,7 @@ class CachedRows:
 
         return CachedRows(
             pick(self.hidden), pick(self.position_ids), pick(self.targets), self.frame[keep], self.box_tags,
-            pick(self.teacher), pick(self.box_keys), self.boxes[keep] if self.boxes is not None else None,
+            pick(self.teacher), pick(self.box_keys),
         )  # fmt: skip
 
 
@@ -77,8 +76,6 @@ def cache_rows(loaded, rows: list[dict], batch_size: int = 32, dtype: torch.dtyp
     that order. A row marked ``answer_only`` (the model's own reasoning, ``own_reasoning_rows``) keeps only its
     answer-label and protocol-tag targets: the model wrote the rest itself. Each row also keeps the positions of
     its image tokens inside its ``attend_box`` (none without one), where box attention looks."""
-    from surgery_r1_ros.model import image_size
-
     from .evaluate import encode_frames_once
 
     model = loaded.model
@@ -129,10 +126,7 @@ def cache_rows(loaded, rows: list[dict], batch_size: int = 32, dtype: torch.dtyp
         for hook in hooks:
             hook.remove()
     frame = torch.tensor([frame_ids[r["image_path"]] for r in rows])
-    width, height = image_size(loaded.processor)
-    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-    boxes = torch.stack([torch.tensor(r["attend_box"] or [0.0] * 4, dtype=torch.float32) / scale for r in rows])
-    return CachedRows(hidden, positions, targets, frame, box_keys=box_keys, boxes=boxes)
+    return CachedRows(hidden, positions, targets, frame, box_keys=box_keys)
 
 
 def _pad(tensors: list[torch.Tensor], value: float | int) -> torch.Tensor:
@@ -153,10 +147,9 @@ def last_layer_logits(model, hidden: torch.Tensor, position_ids: torch.Tensor, l
 
 
 def _last_layer(model, hidden: torch.Tensor, position_ids: torch.Tensor, lengths: torch.Tensor, queries: torch.Tensor,
-                query_mask: torch.Tensor, first_head: bool) -> tuple[torch.Tensor, tuple | None]:  # fmt: skip
+                query_mask: torch.Tensor, first_head: bool) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """``last_layer_logits``, and with ``first_head`` the attention weights (batch x q x length) of the layer's
-    first head at the query positions (what box attention supervises) and that head's output (batch x q x
-    head_dim, what the box readout reads)."""
+    first head at the query positions (what box attention supervises)."""
     lm = language_model(model)
     layer = lm.layers[-1]
     attn = layer.self_attn
@@ -179,14 +172,14 @@ def _last_layer(model, hidden: torch.Tensor, position_ids: torch.Tensor, lengths
     out = F.scaled_dot_product_attention(
         q, keys, values, attn_mask=allowed[:, None], scale=attn.scaling, enable_gqa=True
     )
-    head = None
+    weights = None
     if first_head:  # query head 0 reads key/value head 0 (grouped-query attention)
         scores = (q[:, 0] @ keys[:, 0].transpose(-1, -2)) * attn.scaling
-        head = (scores.masked_fill(~allowed, float("-inf")).softmax(-1), out[:, 0])
+        weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
     out = attn.o_proj(out.transpose(1, 2).reshape(batch, queries.shape[1], -1))
     h = hidden.gather(1, pick) + out
     h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return model.lm_head(lm.norm(h)), head
+    return model.lm_head(lm.norm(h)), weights
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -204,8 +197,8 @@ def box_positions(targets: torch.Tensor, box_tags: tuple[int, int]) -> torch.Ten
 
 def _batch(model, cached: CachedRows, rows: list[int], first_head: bool = False):
     """The logits at every completion position of ``rows``, their targets, and with ``first_head`` the attention
-    mass the last layer's first head puts on each row's box (``CachedRows.box_keys``) at those positions, that
-    head's output there, and which rows have a box."""
+    mass the last layer's first head puts on each row's box (``CachedRows.box_keys``) at those positions, and
+    which rows have a box."""
     device = model.device
     hidden = _pad([cached.hidden[i].T for i in rows], 0.0).transpose(1, 2).to(device, torch.float32)
     position_ids = _pad([cached.position_ids[i] for i in rows], 0).permute(1, 0, 2).to(device, torch.long)
@@ -214,16 +207,15 @@ def _batch(model, cached: CachedRows, rows: list[int], first_head: bool = False)
     queries = _pad(due, 0).to(device)
     query_mask = _pad([torch.ones(len(d), dtype=torch.bool) for d in due], False).to(device)
     targets = _pad([cached.targets[i][d] for i, d in zip(rows, due, strict=True)], IGNORE_INDEX).to(device)
-    logits, head = _last_layer(model, hidden, position_ids, lengths, queries, query_mask, first_head)
-    if head is None:
+    logits, weights = _last_layer(model, hidden, position_ids, lengths, queries, query_mask, first_head)
+    if weights is None:
         return logits, targets, None
-    weights, head_out = head
     inside = torch.zeros(hidden.shape[:2], dtype=weights.dtype, device=device)
     for row, i in enumerate(rows):
         inside[row, cached.box_keys[i].long()] = 1.0
     mass = (weights * inside[:, None, :]).sum(-1)
     has_box = torch.tensor([len(cached.box_keys[i]) > 0 for i in rows], device=device)
-    return logits, targets, (mass, head_out, has_box)
+    return logits, targets, (mass, has_box)
 
 
 def batch_loss(model, cached: CachedRows, rows: list[int]) -> torch.Tensor:
@@ -233,22 +225,19 @@ def batch_loss(model, cached: CachedRows, rows: list[int]) -> torch.Tensor:
 
 
 class Losses(NamedTuple):
-    """``batch_losses``' terms: SFT's cross-entropy, and on the rows with a box (None when none has one or the
-    term is not asked for) the box attention loss with its attention mass, and the box readout's squared error."""
+    """``batch_losses``' terms: SFT's cross-entropy, and on the rows with a box (None when no row has one or the
+    term is not asked for) the box attention loss with its attention mass."""
 
     sft: torch.Tensor
     box_attention: torch.Tensor | None = None
     box_mass: float | None = None
-    box_readout: torch.Tensor | None = None
 
 
-def batch_losses(model, cached: CachedRows, rows: list[int], box_attention: bool = False,
-                 readout: torch.nn.Module | None = None) -> Losses:  # fmt: skip
+def batch_losses(model, cached: CachedRows, rows: list[int], box_attention: bool = False) -> Losses:
     """``batch_loss``, and with ``box_attention`` the box attention loss of ``box_attention.py`` for the last
     layer's first head, ``-log`` of its attention mass on the row's box at every completion position of the rows
-    with a box, with that mass; with a ``readout`` (first head's output -> 4 numbers), the mean squared error of
-    its reading there against the row's box over the frame size (``CachedRows.boxes``)."""
-    logits, targets, head = _batch(model, cached, rows, first_head=box_attention or readout is not None)
+    with a box, with that mass."""
+    logits, targets, attention = _batch(model, cached, rows, first_head=box_attention)
     log_probs = logits.log_softmax(-1)
     valid = targets != IGNORE_INDEX
     losses = -log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
@@ -257,17 +246,11 @@ def batch_losses(model, cached: CachedRows, rows: list[int], box_attention: bool
         soft = torch.cat([cached.teacher[i] for i in rows]).to(logits.device)
         losses = losses.masked_scatter(inside, -(soft * log_probs[inside]).sum(-1))
     sft = losses[valid].mean()
-    if head is None or not head[2].any():
+    if attention is None or not attention[1].any():
         return Losses(sft)
-    mass, head_out, has_box = head
-    supervised = valid & has_box[:, None]
-    attention = mass[supervised]
-    result = Losses(sft, -(attention + 1e-6).log().mean(), float(attention.detach().mean()))
-    if readout is None:
-        return result
-    boxes = cached.boxes[rows].to(logits.device)[:, None].expand(-1, targets.shape[1], -1)
-    error = (readout(head_out) - boxes).square().mean(-1)[supervised].mean()
-    return result._replace(box_readout=error)
+    mass, has_box = attention
+    mass = mass[valid & has_box[:, None]]
+    return Losses(sft, -(mass + 1e-6).log().mean(), float(mass.detach().mean()))
 
 
 @torch.no_grad()
@@ -293,14 +276,12 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [*lm.layers[-1].parameters(), *lm.norm.parameters()]
 
 
-def fit_last_layer(model, cached: CachedRows, epochs: int = 4, batch_size: int = 32, lr: float = 3e-4, seed: int = 0,
-                   evals_per_epoch: int = 4, box_attention: float = 0.0, box_readout: float = 0.0) -> dict:  # fmt: skip
+def fit_last_layer(model, cached: CachedRows, epochs: int = 4, batch_size: int = 32, lr: float = 3e-4,
+                   seed: int = 0, evals_per_epoch: int = 4, box_attention: float = 0.0) -> dict:  # fmt: skip
     """Train the last layer on ``cached`` (cosine schedule); the weights kept are those with the lowest loss on a
     tenth of the frames held out, checked ``evals_per_epoch`` times an epoch. ``box_attention`` > 0 adds the box
     attention loss (``batch_losses``) times that weight to the training loss; the held-out loss the step is chosen
-    on stays SFT's, and the first head's attention mass on the box is recorded before and after. ``box_readout`` >
-    0 adds, times that weight, the squared error of a training-only linear reading of the box off the first head's
-    output (``batch_losses``), so that what the head looks at carries where it is."""
+    on stays SFT's, and the first head's attention mass on the box is recorded before and after."""
     generator = torch.Generator().manual_seed(seed)
     frames = cached.frame.unique()
     held_frames = frames[torch.randperm(len(frames), generator=generator)[: max(1, len(frames) // 10)]]
@@ -312,14 +293,9 @@ def fit_last_layer(model, cached: CachedRows, epochs: int = 4, batch_size: int =
     params = trainable_parameters(model)
     for p in params:
         p.requires_grad_(True)
-    readout = None
-    if box_readout > 0:  # training-only: not saved, the model stays the plain architecture
-        attn = language_model(model).layers[-1].self_attn
-        readout = torch.nn.Linear(attn.head_dim, 4).to(model.device)
     steps_per_epoch = math.ceil(len(train_rows) / batch_size)
     total = steps_per_epoch * epochs
-    extra = list(readout.parameters()) if readout is not None else []
-    optimiser = torch.optim.AdamW(params + extra, lr=lr, weight_decay=0.0)
+    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
 
     attend = box_attention > 0
@@ -353,12 +329,10 @@ def fit_last_layer(model, cached: CachedRows, epochs: int = 4, batch_size: int =
         order = torch.randperm(len(train_rows), generator=generator).tolist()
         for start in range(0, len(order), batch_size):
             batch = [train_rows[i] for i in order[start : start + batch_size]]
-            terms = batch_losses(model, cached, batch, box_attention=attend, readout=readout)
+            terms = batch_losses(model, cached, batch, box_attention=attend)
             loss = terms.sft
-            if attend and terms.box_attention is not None:
+            if terms.box_attention is not None:
                 loss = loss + box_attention * terms.box_attention
-            if terms.box_readout is not None:
-                loss = loss + box_readout * terms.box_readout
             optimiser.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -401,15 +375,13 @@ def refit_last_layer(
     own_reasoning: int = 0,
     reasoning_tokens: int = 192,
     box_attention: float = 0.0,
-    box_readout: float = 0.0,
 ) -> dict:
     """Refit ``model``'s last decoder layer on ``questions`` questions of the training ``mix``; save to ``out``;
     returns what the model's metadata records (settings, steps, held-out loss before and after).
     ``keep_boxes``: box positions learn the model's own distribution, not the label (``box_teacher``).
     ``own_reasoning``: that many more reasoning questions, answered after the model's own reasoning (at most
     ``reasoning_tokens``, as in evaluation), add their answer and tag positions (as in ``refit_readout``).
-    ``box_attention``, ``box_readout``: the weights of the box attention loss on the layer's first head and of
-    the box read off its output (``fit_last_layer``)."""
+    ``box_attention``: the weight of the box attention loss on the layer's first head (``fit_last_layer``)."""
     from surgery_r1_ros.model import image_size, load_model, save_model
 
     from .common import resolve_model
@@ -425,11 +397,10 @@ def refit_last_layer(
         tags = tuple(loaded.processor.tokenizer.convert_tokens_to_ids(["<box>", "</box>"]))
         cached = box_teacher(loaded.model, cached, tags)
     fit = fit_last_layer(loaded.model, cached, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                         box_attention=box_attention, box_readout=box_readout)  # fmt: skip
+                         box_attention=box_attention)  # fmt: skip
     fit.pop("trace")  # the per-step losses stay out of the model's metadata and the stage records
     result = {"questions": questions, "kinds": list(kinds), "own_reasoning_rows": len(own_rows), "epochs": epochs,
               "lr": lr, "keep_boxes": keep_boxes, **({"box_attention": box_attention} if box_attention else {}),
-              **({"box_readout": box_readout} if box_readout else {}),
               **fit}  # fmt: skip
     save_model(loaded, out, {"last_layer": result})
     log.info("last-layer refit: %s -> %s", result, out)
