@@ -99,7 +99,11 @@ def box_attention_loss(
     predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # the position before each target token predicts it
     chosen = predicts & rows[:, None]
     masses = [(w[:, 0] * inside[:, None, :]).sum(dim=-1)[chosen] for w in weights]  # first head, per position
-    mass = torch.cat(masses)
+    return attention_loss(torch.cat(masses))
+
+
+def attention_loss(mass: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The box attention loss of per-position attention masses on the box (``-log``, mean), and the mean mass."""
     return -(mass + 1e-6).log().mean(), float(mass.detach().mean())
 
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from surgery_r1_ros.model.prompts import IGNORE_INDEX
 
+from .box_attention import attention_loss
 from .config import DataConfig
 from .dataset import ImageCache, SFTCollator, load_records, sft_row
 from .readout import answer_and_tag_ids, frame_ids_of, own_reasoning_from_mix
@@ -250,7 +251,7 @@ def batch_losses(model, cached: CachedRows, rows: list[int], box_attention: bool
         return Losses(sft)
     mass, has_box = attention
     mass = mass[valid & has_box[:, None]]
-    return Losses(sft, -(mass + 1e-6).log().mean(), float(mass.detach().mean()))
+    return Losses(sft, *attention_loss(mass))
 
 
 @torch.no_grad()
@@ -299,23 +300,22 @@ def fit_last_layer(model, cached: CachedRows, epochs: int = 4, batch_size: int =
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
 
     attend = box_attention > 0
+    held_chunks = [held_rows[i : i + 64] for i in range(0, len(held_rows), 64)]
+    held_weights = [sum(int((cached.targets[r] != IGNORE_INDEX).sum()) for r in c) for c in held_chunks]
 
     def held_loss() -> float:
         model.eval()
         with torch.no_grad():
-            chunks = [held_rows[i : i + 64] for i in range(0, len(held_rows), 64)]
-            weights = [sum(int((cached.targets[r] != IGNORE_INDEX).sum()) for r in c) for c in chunks]
-            losses = [batch_loss(model, cached, c).item() * w for c, w in zip(chunks, weights, strict=True)]
+            losses = [batch_loss(model, cached, c).item() * w for c, w in zip(held_chunks, held_weights, strict=True)]
         model.train()
-        return sum(losses) / max(1, sum(weights))
+        return sum(losses) / max(1, sum(held_weights))
 
     def held_box_mass() -> float | None:
         """Mean over held-out chunks of the first head's attention mass on the box (None without box attention)."""
         if not attend:
             return None
         with torch.no_grad():
-            chunks = [held_rows[i : i + 64] for i in range(0, len(held_rows), 64)]
-            masses = [batch_losses(model, cached, c, box_attention=True).box_mass for c in chunks]
+            masses = [batch_losses(model, cached, c, box_attention=True).box_mass for c in held_chunks]
             masses = [m for m in masses if m is not None]
         return round(sum(masses) / len(masses), 4) if masses else None
 
