@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -195,3 +196,21 @@ def test_clean_shm_leaves_files_in_use_unless_the_user_is_the_caller_at_its_end(
     finally:
         segment.unlink(missing_ok=True)
         semaphore.unlink(missing_ok=True)
+
+
+def test_stop_process_returns_once_the_whole_group_is_gone(tmp_path: Path) -> None:
+    """A child that ignores SIGINT and SIGTERM outlives its leader; stop_process still ends it before returning."""
+    from surgery_r1_ros.bag.ros_env import group_alive, start_process, stop_process
+
+    ready = tmp_path / "child.ready"
+    child = (
+        "import pathlib, signal, time\n"
+        "for sig in (signal.SIGINT, signal.SIGTERM):\n    signal.signal(sig, signal.SIG_IGN)\n"
+        f"pathlib.Path({str(ready)!r}).touch()\ntime.sleep(600)"
+    )
+    leader = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(600)"
+    proc = start_process([sys.executable, "-c", leader], env=dict(os.environ), log_path=tmp_path / "leader.log")
+    assert wait_for(ready.exists, 30), (tmp_path / "leader.log").read_text()
+    stop_process(proc, timeout=5.0)
+    assert proc.returncode is not None
+    assert not group_alive(proc.pid)

@@ -146,7 +146,10 @@ def start_process(
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
-    """Stop a process we started and its group: SIGINT, then SIGTERM, then SIGKILL; returns its exit code."""
+    """Stop a process we started and its group: SIGINT, then SIGTERM, then SIGKILL; returns its exit code.
+
+    On return no process of the group runs any more (a warning is logged if one outlives SIGKILL by 5 s).
+    """
     if proc.poll() is None:
         for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -156,9 +159,12 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
                 break
             except subprocess.TimeoutExpired:
                 log.warning("pid %d did not stop on %s", proc.pid, sig.name)
-    # children left in the group after the leader exited
+    # children left in the group after the leader exited (multiprocessing's resource tracker, an engine child):
+    # SIGKILL is delivered asynchronously, so wait until the group is really gone before saying it stopped
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+    if not wait_until(lambda: not group_alive(proc.pid), 5.0):
+        log.warning("processes of group %d still run 5 s after SIGKILL", proc.pid)
     return proc.returncode
 
 
