@@ -509,6 +509,9 @@ def test_model_card_shows_the_readout_refit_before_the_last_layer_refit(tmp_path
     card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
     assert "look at the question's box while it writes the\nanswer and box (box attention, weight 0.5: held-out " \
            "attention mass on the box\n0.11 -> 0.83)" in card  # fmt: skip
+    refit["box_attention_questions"] = ["location"]
+    card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
+    assert "writes the\nanswer and box of location questions (box attention, weight 0.5" in card
     state["readout_again"] = {"seconds": 60.0, "result": {**readout, "best_step": 5}}
     state["eval"]["result"].update({"readout_again/direct": {**row, "accuracy": 0.9},
                                     "readout_again/direct/swapped": {**row, "accuracy": 0.1}})  # fmt: skip
@@ -1052,6 +1055,22 @@ def test_last_layer_box_attention_is_the_first_heads_attention_and_training_move
     assert "box_attention_mass_after" not in plain and attend["box_attention"] == 5.0
     assert attend["box_attention_mass_after"] > 2 * attend["box_attention_mass_before"]
     assert attend["held_loss_after"] < attend["held_loss_before"]
+
+
+def test_box_attention_can_be_kept_to_some_question_kinds():
+    """``attend_only`` drops the box attention target of every other kind's rows and leaves the rest as they were."""
+    from surgery_r1_ros.training.last_layer import attend_only
+
+    box = [1.0, 2.0, 30.0, 40.0]
+    rows = [{"question": q, "attend_box": box, "target": q} for q in
+            ("What organ is being operated?", "What is the state of bipolar_forceps?",
+             "Where is clip_applier located?")]  # fmt: skip
+    kept = attend_only(rows, ["location"])
+    assert [r["attend_box"] for r in kept] == [None, None, box]
+    assert [r["target"] for r in kept] == [r["target"] for r in rows] and rows[0]["attend_box"] == box
+    assert [r["attend_box"] for r in attend_only(rows, ["organ", "state"])] == [box, box, None]
+    with pytest.raises(ValueError, match=r"\['tool'\] are not question kinds; use some of \['organ', 'state', 'loc"):
+        attend_only(rows, ["tool", "state"])
 
 
 def test_last_layer_refit_with_own_reasoning_learns_only_the_answer_and_tags_after_it(

@@ -63,8 +63,10 @@ def _last_layer_text(r: dict) -> str:
     boxes = "held to the model's own box distribution" if r["keep_boxes"] else "fitted to the label boxes"
     attends = ""
     if r.get("box_attention"):
+        questions = r.get("box_attention_questions")
+        which = f" of {' and '.join(questions)} questions" if questions else ""
         attends = f""", its first attention head also trained to look at the question's box while it writes the
-answer and box (box attention, weight {r["box_attention"]}: held-out attention mass on the box
+answer and box{which} (box attention, weight {r["box_attention"]}: held-out attention mass on the box
 {r["box_attention_mass_before"]} -> {r["box_attention_mass_after"]})"""
     return f"""; then the language model's last decoder layer and final norm are trained on the mix with
 everything else frozen, on cached inputs of that layer, box positions {boxes}{attends}

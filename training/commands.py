@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     last.add_argument("--box-attention", type=float, default=0.0,
                       help="weight of a loss that makes the layer's first head look at the question's box while it "
                            "writes the answer and box (training/box_attention.py); 0: off")  # fmt: skip
+    last.add_argument("--box-attention-questions", nargs="+", choices=["organ", "state", "location"], default=None,
+                      help="question kinds box attention applies to (default: all)")  # fmt: skip
     last.set_defaults(handler=_last_layer)
 
     builtin = sub.add_parser("builtin", help="reproduce the built-in model: synth data, SFT, GRPO, eval, model card")
@@ -133,6 +135,7 @@ def _last_layer(args: argparse.Namespace) -> int:
     result = refit_last_layer(
         args.model, args.mix, args.out, args.questions, tuple(args.kinds), args.epochs, args.lr,
         keep_boxes=not args.label_boxes, own_reasoning=args.own_reasoning, box_attention=args.box_attention,
+        box_attention_questions=args.box_attention_questions,
     )  # fmt: skip
     print(json.dumps(result, indent=2))
     print(f"model written to {args.out}")

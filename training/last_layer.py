@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from surgery_r1_ros.model.prompts import IGNORE_INDEX
+from surgery_r1_ros.vocab import QuestionKind, parse_question
 
 from .box_attention import attention_loss
 from .config import DataConfig
@@ -361,6 +362,15 @@ def fit_last_layer(model, cached: CachedRows, epochs: int = 4, batch_size: int =
     }  # fmt: skip
 
 
+def attend_only(rows: list[dict], questions: list[str]) -> list[dict]:
+    """``rows`` with box attention (their ``attend_box``) kept only on questions of the given kinds."""
+    known = [str(kind) for kind in QuestionKind]
+    if unknown := sorted(set(questions) - set(known)):
+        raise ValueError(f"box attention questions {unknown} are not question kinds; use some of {known}")
+    kinds = {QuestionKind(q) for q in questions}
+    return [row if parse_question(row["question"])[0] in kinds else {**row, "attend_box": None} for row in rows]
+
+
 def refit_last_layer(
     model: str | Path,
     mix: str | Path,
@@ -375,13 +385,15 @@ def refit_last_layer(
     own_reasoning: int = 0,
     reasoning_tokens: int = 192,
     box_attention: float = 0.0,
+    box_attention_questions: list[str] | None = None,
 ) -> dict:
     """Refit ``model``'s last decoder layer on ``questions`` questions of the training ``mix``; save to ``out``;
     returns what the model's metadata records (settings, steps, held-out loss before and after).
     ``keep_boxes``: box positions learn the model's own distribution, not the label (``box_teacher``).
     ``own_reasoning``: that many more reasoning questions, answered after the model's own reasoning (at most
     ``reasoning_tokens``, as in evaluation), add their answer and tag positions (as in ``refit_readout``).
-    ``box_attention``: the weight of the box attention loss on the layer's first head (``fit_last_layer``)."""
+    ``box_attention``: the weight of the box attention loss on the layer's first head (``fit_last_layer``);
+    ``box_attention_questions``: the question kinds (organ, state, location) it applies to (default: all)."""
     from surgery_r1_ros.model import image_size, load_model, save_model
 
     from .common import resolve_model
@@ -390,6 +402,8 @@ def refit_last_layer(
     loaded.model.eval()
     records = load_records(DataConfig(mix=str(mix), kinds=list(kinds), limit=questions, seed=seed))
     rows = [sft_row(r, image_size(loaded.processor)) for r in records]
+    if box_attention_questions is not None:
+        rows = attend_only(rows, box_attention_questions)
     own = own_reasoning_from_mix(loaded, mix, own_reasoning, seed, batch_size, reasoning_tokens)
     own_rows = [{**row, "answer_only": True} for row in own]
     cached = cache_rows(loaded, rows + own_rows, batch_size)
@@ -401,6 +415,8 @@ def refit_last_layer(
     fit.pop("trace")  # the per-step losses stay out of the model's metadata and the stage records
     result = {"questions": questions, "kinds": list(kinds), "own_reasoning_rows": len(own_rows), "epochs": epochs,
               "lr": lr, "keep_boxes": keep_boxes, **({"box_attention": box_attention} if box_attention else {}),
+              **({"box_attention_questions": list(box_attention_questions)}
+                 if box_attention and box_attention_questions is not None else {}),
               **fit}  # fmt: skip
     save_model(loaded, out, {"last_layer": result})
     log.info("last-layer refit: %s -> %s", result, out)
