@@ -136,6 +136,31 @@ def test_encode_prompt_labels_only_the_target(built):
     assert torch.isfinite(loss)
 
 
+def test_encode_prompt_labels_the_target_with_images_of_several_token_counts(built):
+    """Stock Qwen2.5-VL resizes each image to its own size (its own number of image tokens); the label mask still
+    starts exactly where each row's target does."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from surgery_r1_ros.model.processor import SurgeryR1Processor
+
+    dynamic = SurgeryR1Processor(
+        image_processor=Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64),
+        tokenizer=built.processor.tokenizer,
+        chat_template=built.processor.chat_template,
+    )
+    targets = [build_target("left-top", (1, 2, 30, 40)), build_target("Grasping", (5, 6, 70, 80), "It grips.")]
+    batch = encode_prompt(
+        dynamic, [_image(60, 60), _image(300, 120)], ["Where is suction located?", QUESTION], ["ground", "reason"],
+        targets,
+    )  # fmt: skip
+    image_id = dynamic.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    counts = (batch["input_ids"] == image_id).sum(1).tolist()
+    assert counts[0] != counts[1]
+    for row, target in enumerate(targets):
+        labelled = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX]
+        assert dynamic.tokenizer.decode(labelled) == target + "<|im_end|>"
+
+
 def test_prompts_without_targets_pad_left_for_generation(built):
     batch = encode_prompt(
         built.processor, [_image(40, 50), _image(40, 50)], ["Where is suction located?", QUESTION], "ground"

