@@ -91,6 +91,7 @@ def _refit_arguments(parser: argparse.ArgumentParser, questions: int) -> None:
         "--own-reasoning", type=int, default=0, metavar="N",
         help="also fit the answer and tag positions after the model's own reasoning on N reasoning questions",
     )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seed of the rows chosen, held out and shuffled")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -122,8 +123,9 @@ def _readout(args: argparse.Namespace) -> int:
     from .readout import refit_readout
 
     result = refit_readout(
-        args.model, args.mix, args.out, args.questions, tuple(args.kinds), args.steps, own_reasoning=args.own_reasoning
-    )
+        args.model, args.mix, args.out, args.questions, tuple(args.kinds), args.steps,
+        own_reasoning=args.own_reasoning, seed=args.seed,
+    )  # fmt: skip
     print(json.dumps(result, indent=2))
     print(f"model written to {args.out}")
     return 0
@@ -135,7 +137,7 @@ def _last_layer(args: argparse.Namespace) -> int:
     result = refit_last_layer(
         args.model, args.mix, args.out, args.questions, tuple(args.kinds), args.epochs, args.lr,
         keep_boxes=not args.label_boxes, own_reasoning=args.own_reasoning, box_attention=args.box_attention,
-        box_attention_questions=args.box_attention_questions,
+        box_attention_questions=args.box_attention_questions, seed=args.seed,
     )  # fmt: skip
     print(json.dumps(result, indent=2))
     print(f"model written to {args.out}")

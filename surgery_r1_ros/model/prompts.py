@@ -85,8 +85,8 @@ def encode_prompt(
 
 def _prompt_ids(processor, prompts: Sequence[str], image_grid_thw: torch.Tensor) -> list[list[int]]:
     """Token ids of each prompt (one image each) with its image placeholder expanded to the image's token count,
-    as the processor expands it. The tokenizer alone, not a second processor call: that one would preprocess
-    every image again (2.8 of the 6.2 ms a training row took to collate, measured on the built-in model)."""
+    as the processor expands it. The tokenizer alone, not a second processor call: that one preprocessed every
+    image again (the last-layer refit cached its 48,000 rows in 12.6 min with this, 15.6-16.4 min without)."""
     merge = processor.image_processor.merge_size**2
     token = processor.image_token
     expanded = [
