@@ -1141,3 +1141,21 @@ def test_kept_boxes_score_box_positions_against_the_models_own_distribution(micr
     with torch.no_grad():
         assert batch_loss(loaded.model, kept, every).item() == pytest.approx(expected, rel=1e-4)
         assert batch_loss(loaded.model, cached, every).item() == pytest.approx(label_ce[due].mean().item(), rel=1e-4)
+
+
+def test_refit_commands_pass_seed_and_box_attention_questions(monkeypatch, tmp_path):
+    """``train readout`` / ``train last-layer`` hand their seed (and the last layer its box attention questions)
+    to the refit."""
+    from surgery_r1_ros.training import last_layer, readout
+
+    from surgery_r1_ros.cli import main
+
+    calls: dict[str, dict] = {}
+    monkeypatch.setattr(readout, "refit_readout", lambda *a, **kw: calls.setdefault("readout", kw) and {})
+    monkeypatch.setattr(last_layer, "refit_last_layer", lambda *a, **kw: calls.setdefault("last", kw) and {})
+    common = ["--model", "builtin", "--mix", str(tmp_path / "mix.jsonl"), "--out", str(tmp_path / "out")]
+    assert main(["train", "readout", *common, "--seed", "3"]) == 0
+    assert main(["train", "last-layer", *common, "--seed", "4", "--box-attention", "0.5",
+                 "--box-attention-questions", "location", "state"]) == 0  # fmt: skip
+    assert calls["readout"]["seed"] == 3
+    assert calls["last"]["seed"] == 4 and calls["last"]["box_attention_questions"] == ["location", "state"]
