@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from surgery_r1_ros.vocab import QuestionKind
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train", help="train: SFT, GRPO, or the whole built-in model pipeline")
@@ -36,8 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     last.add_argument("--box-attention", type=float, default=0.0,
                       help="weight of a loss that makes the layer's first head look at the question's box while it "
                            "writes the answer and box (training/box_attention.py); 0: off")  # fmt: skip
-    last.add_argument("--box-attention-questions", nargs="+", choices=["organ", "state", "location"], default=None,
-                      help="question kinds box attention applies to (default: all)")  # fmt: skip
+    last.add_argument("--box-attention-questions", nargs="+", choices=[str(k) for k in QuestionKind],
+                      default=None, help="question kinds box attention applies to (default: all)")  # fmt: skip
     last.set_defaults(handler=_last_layer)
 
     builtin = sub.add_parser("builtin", help="reproduce the built-in model: synth data, SFT, GRPO, eval, model card")
