@@ -6,10 +6,10 @@ import pytest
 
 from surgery_r1_ros.coherence import check_coherence, state_mentions
 from surgery_r1_ros.data.cues import STATE_CUES
-from surgery_r1_ros.data.mix import build_mix, format_mix_counts, read_mix, write_mix
+from surgery_r1_ros.data.mix import build_mix, format_mix_counts, read_mix, subject_sentences_start, write_mix
 from surgery_r1_ros.data.vqla import load_vqla
 from surgery_r1_ros.protocol import PromptMode, build_target, parse_output, target_mode
-from surgery_r1_ros.vocab import STATES
+from surgery_r1_ros.vocab import INSTRUMENTS, STATES, instrument_phrase
 
 
 def test_every_question_gets_one_record_of_each_kind(tiny_vqla):
@@ -44,6 +44,26 @@ def test_state_reasoning_names_the_true_state_before_its_cue(tiny_vqla):
         assert {named for _, named in state_mentions(reasoning)} == {state}, reasoning  # ("staple marks": Staple)
         cue_at = min(reasoning.find(cue) for cue in STATE_CUES[state] if cue in reasoning)
         assert state_mentions(reasoning)[0][0] < cue_at
+
+
+def test_subject_sentences_start_where_the_reasoning_first_names_the_subject(tiny_vqla):
+    """Box attention looks at the question's box from there on: before it only the organ and the other
+    instruments are named, from it on only the subject; organ questions' reasoning has no such sentences."""
+    records = [r for r in build_mix(load_vqla(tiny_vqla)) if r["kind"] == "cot"]
+    for record in records:
+        reasoning, subject = record["reasoning"], record["subject"]
+        start = subject_sentences_start(reasoning, subject)
+        if subject is None:
+            assert start == len(reasoning)
+            continue
+        before, after = reasoning[:start], reasoning[start:]
+        assert before.endswith(".") or start == 0, reasoning
+        assert instrument_phrase(subject) in after.split(".")[0]  # its first sentence names it
+        assert instrument_phrase(subject) not in before
+        others = [instrument_phrase(i) for i in INSTRUMENTS if i != subject]
+        assert not any(name in after for name in others), after
+    assert {r["subject"] is None for r in records} == {True, False}
+    assert subject_sentences_start("The kidney. A grasper.", "bipolar_forceps") == len("The kidney. A grasper.")
 
 
 def test_reasoning_wording_varies_and_is_deterministic(tiny_vqla):

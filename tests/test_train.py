@@ -507,11 +507,12 @@ def test_model_card_shows_the_readout_refit_before_the_last_layer_refit(tmp_path
     assert "box attention" not in card
     refit.update(box_attention=0.5, box_attention_mass_before=0.11, box_attention_mass_after=0.83)
     card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
-    assert "look at the question's box while it writes the\nanswer and box (box attention, weight 0.5: held-out " \
-           "attention mass on the box\n0.11 -> 0.83)" in card  # fmt: skip
+    assert "look at the question's box while it writes the\nanswer and box, and the reasoning's sentences about the " \
+           "question's subject (box attention, weight\n0.5: held-out attention mass on the box 0.11 ->\n0.83)" \
+           in card  # fmt: skip
     refit["box_attention_questions"] = ["location"]
     card = model_card(state, {}, tmp_path / "builtin_pipeline.yaml", "test-machine")
-    assert "writes the\nanswer and box of location questions (box attention, weight 0.5" in card
+    assert "about the question's subject of location questions (box attention, weight\n0.5" in card
     state["readout_again"] = {"seconds": 60.0, "result": {**readout, "best_step": 5}}
     state["eval"]["result"].update({"readout_again/direct": {**row, "accuracy": 0.9},
                                     "readout_again/direct/swapped": {**row, "accuracy": 0.1}})  # fmt: skip
@@ -687,15 +688,49 @@ def test_box_attention_loss_is_minus_log_of_the_mass_on_the_box():
     weights = torch.zeros(2, 2, 8, 8)
     weights[:, 0, :, 1:5] = 0.25  # head 0 spreads evenly over the 4 image tokens
     weights[:, 1, :, 1] = 1.0  # head 1 (not supervised) looks at the box only
-    loss, mass = box_attention_loss([weights], input_ids, labels, cells, image_id)
+    every_target = torch.tensor([6, 6])  # from the first target token on
+    loss, mass = box_attention_loss([weights], input_ids, labels, cells, every_target, image_id)
     assert mass == pytest.approx(0.25) and float(loss) == pytest.approx(-math.log(0.25), rel=1e-4)
-    weights[0, 0, 5:7] = 0.0
-    weights[0, 0, 5:7, 1] = 1.0  # head 0 on the box at the predicting positions
-    loss, mass = box_attention_loss([weights], input_ids, labels, cells, image_id)
-    assert mass == pytest.approx(1.0) and float(loss) == pytest.approx(0.0, abs=1e-4)
-    assert box_attention_loss([weights], input_ids, labels, torch.zeros(2, 4, dtype=torch.bool), image_id) is None
+    weights[0, 0, 6] = 0.0
+    weights[0, 0, 6, 1] = 1.0  # head 0 on the box where the last target token is predicted
+    loss, mass = box_attention_loss([weights], input_ids, labels, cells, every_target, image_id)
+    assert mass == pytest.approx((0.25 + 1.0) / 2)
+    loss, mass = box_attention_loss([weights], input_ids, labels, cells, torch.tensor([7, 7]), image_id)
+    assert mass == pytest.approx(1.0) and float(loss) == pytest.approx(0.0, abs=1e-4)  # position 5 not supervised
+    no_box = torch.zeros(2, 4, dtype=torch.bool)
+    assert box_attention_loss([weights], input_ids, labels, no_box, every_target, image_id) is None
     with pytest.raises(ValueError, match="image tokens"):
-        box_attention_loss([weights], input_ids, labels, cells[:, :3], image_id)
+        box_attention_loss([weights], input_ids, labels, cells[:, :3], every_target, image_id)
+
+
+def test_box_attention_looks_from_the_subjects_sentences_on_in_reasoning_rows(micro):
+    """Without reasoning, every completion token is supervised; with it, the tokens from the first sentence that
+    names the question's instrument on (organ questions: from ``</think>``), counted exactly."""
+    from surgery_r1_ros.training.config import DataConfig
+    from surgery_r1_ros.training.dataset import ImageCache, SFTCollator, load_records, sft_row
+
+    from surgery_r1_ros.model import load_model
+    from surgery_r1_ros.vocab import instrument_phrase
+
+    processor = load_model(micro["model"]).processor
+    records = load_records(DataConfig(mix=str(micro["mix"]), kinds=["vqa", "grounding", "cot"]))
+    rows = [sft_row(r, (56, 56)) for r in records]
+    batch = SFTCollator(processor, ImageCache(), box_cells=True)(rows)
+    tokenizer = processor.tokenizer
+    first_target = (batch["labels"] != -100).int().argmax(dim=1)
+    columns = (rows, records, batch["box_from"], first_target, batch["input_ids"])
+    for row, record, box_from, start, ids in zip(*columns, strict=True):
+        attended = tokenizer.decode([t for t in ids[box_from:].tolist() if t != tokenizer.pad_token_id])
+        assert attended == row["target"][row["attend_from"] :] + "<|im_end|>"
+        assert (row["attend_box"] is None) == (record["box"] is None)
+        if record["reasoning"] is None:
+            assert box_from == start
+        elif record["subject"] is None:
+            assert attended.startswith("</think><answer>")
+        else:
+            assert box_from > start and instrument_phrase(record["subject"]) in attended.split(".")[0]
+            assert instrument_phrase(record["subject"]) not in row["target"][: row["attend_from"]]
+    assert {r["kind"] for r in records} == {"vqa", "grounding", "cot"}
 
 
 def test_box_attention_training_points_the_head_at_the_box(micro, tmp_path):
@@ -1038,10 +1073,10 @@ def test_last_layer_box_attention_is_the_first_heads_attention_and_training_move
     assert [len(k) > 0 for k in cached.box_keys] == [r["attend_box"] is not None for r in ordered]
     assert any(len(k) for k in cached.box_keys) and not all(len(k) for k in cached.box_keys)
     batch = SFTCollator(loaded.processor, ImageCache(), box_cells=True)(ordered)
-    cells, labels = batch.pop("box_cells"), batch.pop("labels")
+    cells, box_from, labels = batch.pop("box_cells"), batch.pop("box_from"), batch.pop("labels")
     with torch.no_grad(), captured_attention(loaded.model) as weights:
         loaded.model(**batch)
-        full_loss, full_mass = box_attention_loss(weights[-1:], batch["input_ids"], labels, cells,
+        full_loss, full_mass = box_attention_loss(weights[-1:], batch["input_ids"], labels, cells, box_from,
                                                   loaded.model.config.image_token_id)  # fmt: skip
         _, loss, mass = batch_losses(loaded.model, cached, list(range(len(rows))), box_attention=True)
     assert mass == pytest.approx(full_mass, rel=1e-4) and loss.item() == pytest.approx(full_loss.item(), rel=1e-4)

@@ -7,11 +7,14 @@ held-out frames (``reader_probe.py``), while the language model, trained by SFT 
 covers 0.189 of the frame) while they write the answer. The language model has to find the lookup itself
 (the instrument named in the question -> that tool's image tokens), and next-token loss finds it slowly.
 
-This loss supervises the lookup directly. On rows whose target has a box and no reasoning, at every position
-that predicts a completion token (the answer and the box), the first head of each of the last
-``ATTENDING_LAYERS`` layers is pushed to put its attention on the image tokens whose 28x28-pixel cell centre
-lies inside the target box: the loss is ``-log(attention mass on those cells)``. Boxes are all it needs, so
-it works on any Surgical-VQLA data (EndoVis boxes included), not only on the renderer's dense ground truth.
+This loss supervises the lookup directly. On rows whose target has a box, at every position that predicts a
+supervised completion token, the first head of each of the last ``ATTENDING_LAYERS`` layers is pushed to put
+its attention on the image tokens whose 28x28-pixel cell centre lies inside the target box: the loss is
+``-log(attention mass on those cells)``. Supervised are the answer and the box, and on chain-of-thought rows
+also the sentences about the question's subject before them (``dataset.sft_row``'s ``attend_from``): with the
+answer and box alone, the reasoning's state and position claims never got the lookup, and the answer follows
+them (reasoning accuracy 0.11-0.12 below direct; README, "Where location gets lost"). Boxes are all it needs,
+so it works on any Surgical-VQLA data (EndoVis boxes included), not only on the renderer's dense ground truth.
 
 Attention weights are captured by forward hooks on those layers' ``self_attn`` modules; that needs the
 "eager" attention implementation (SDPA does not return weights). The saved model is unchanged in kind: a
@@ -81,11 +84,12 @@ def captured_attention(model) -> Iterator[list[torch.Tensor]]:
 
 def box_attention_loss(
     weights: Sequence[torch.Tensor], input_ids: torch.Tensor, labels: torch.Tensor, cells: torch.Tensor,
-    image_token_id: int,
+    box_from: torch.Tensor, image_token_id: int,
 ) -> tuple[torch.Tensor, float] | None:  # fmt: skip
     """Mean ``-log`` attention mass on the box's cells, and that mass; None when no row has a box.
 
-    ``cells`` is (batch, image tokens per row) bool, all False on rows that are not supervised.
+    ``cells`` is (batch, image tokens per row) bool, all False on rows that are not supervised; ``box_from``
+    (batch,) the position of each row's first supervised target token (``SFTCollator``'s ``box_from``).
     """
     rows = cells.any(dim=-1)
     if not rows.any():
@@ -97,6 +101,7 @@ def box_attention_loss(
     inside[image] = cells.flatten().to(inside.dtype)
     predicts = torch.zeros_like(image)
     predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # the position before each target token predicts it
+    predicts &= torch.arange(1, image.shape[1] + 1, device=image.device)[None, :] >= box_from[:, None]
     chosen = predicts & rows[:, None]
     masses = [(w[:, 0] * inside[:, None, :]).sum(dim=-1)[chosen] for w in weights]  # first head, per position
     return attention_loss(torch.cat(masses))
@@ -119,16 +124,16 @@ def attention_on_boxes(loaded, rows: list[dict], batch_size: int = 16) -> float:
     collator = SFTCollator(loaded.processor, ImageCache(), box_cells=True)
     rows = [r for r in rows if r["attend_box"] is not None]
     if not rows:
-        raise ValueError("no rows with a box and no reasoning to measure attention on")
+        raise ValueError("no rows with a box to measure attention on")
     model = loaded.model
     total = 0.0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         batch = collator(chunk)
-        cells = batch.pop("box_cells")
+        cells, box_from = batch.pop("box_cells"), batch.pop("box_from")
         labels = batch.pop("labels")
         with captured_attention(model) as weights:
             model(**batch)
-        _, mass = box_attention_loss(weights, batch["input_ids"], labels, cells, model.config.image_token_id)
+        _, mass = box_attention_loss(weights, batch["input_ids"], labels, cells, box_from, model.config.image_token_id)
         total += mass * len(chunk)
     return total / len(rows)

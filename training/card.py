@@ -66,8 +66,9 @@ def _last_layer_text(r: dict) -> str:
         questions = r.get("box_attention_questions")
         which = f" of {' and '.join(questions)} questions" if questions else ""
         attends = f""", its first attention head also trained to look at the question's box while it writes the
-answer and box{which} (box attention, weight {r["box_attention"]}: held-out attention mass on the box
-{r["box_attention_mass_before"]} -> {r["box_attention_mass_after"]})"""
+answer and box, and the reasoning's sentences about the question's subject{which} (box attention, weight
+{r["box_attention"]}: held-out attention mass on the box {r["box_attention_mass_before"]} ->
+{r["box_attention_mass_after"]})"""
     return f"""; then the language model's last decoder layer and final norm are trained on the mix with
 everything else frozen, on cached inputs of that layer, box positions {boxes}{attends}
 (`training/last_layer.py`; the step kept is the one with the lowest loss on held-out training frames)"""

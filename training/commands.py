@@ -37,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     last.add_argument("--box-attention", type=float, default=0.0,
                       help="weight of a loss that makes the layer's first head look at the question's box while it "
-                           "writes the answer and box (training/box_attention.py); 0: off")  # fmt: skip
+                           "writes the answer, the box and the reasoning about the question's subject "
+                           "(training/box_attention.py); 0: off")  # fmt: skip
     last.add_argument("--box-attention-questions", nargs="+", choices=[str(k) for k in QuestionKind],
                       default=None, help="question kinds box attention applies to (default: all)")  # fmt: skip
     last.set_defaults(handler=_last_layer)

@@ -19,6 +19,8 @@ from PIL import Image
 
 from surgery_r1_ros import protocol
 from surgery_r1_ros.boxes import Size, scale_box
+from surgery_r1_ros.data.mix import subject_sentences_start
+from surgery_r1_ros.model.prompts import IGNORE_INDEX
 
 from .augment import augment
 from .config import DataConfig
@@ -81,16 +83,25 @@ def model_box(record: dict, model_size: Size) -> list[float] | None:
 
 
 def sft_row(record: dict, model_size: Size) -> dict[str, Any]:
-    """A teacher-forcing row: image path, question, prompt mode and target completion."""
+    """A teacher-forcing row: image path, question, prompt mode and target completion, and where box attention
+    (box_attention.py) looks, ``attend_box``, from which character of the target on, ``attend_from``: the whole
+    completion without reasoning; with reasoning, from the sentences about the question's subject (the answer
+    and box only on organ questions), since the reasoning before them is about other things."""
     box = model_box(record, model_size)
     reasoning = record.get("reasoning")
+    target = protocol.build_target(record["answer"], tuple(box) if box else None, reasoning)
+    attend_from = 0
+    if reasoning is not None:
+        thought = reasoning.strip()
+        attend_from = target.index(thought) + subject_sentences_start(thought, record.get("subject"))
     return {
         "image_path": record["image"],
         "question": record["question"],
         "mode": str(protocol.target_mode(reasoning, box)),
-        "target": protocol.build_target(record["answer"], tuple(box) if box else None, reasoning),
+        "target": target,
         "kind": record["kind"],
-        "attend_box": box if reasoning is None else None,  # where box attention looks (box_attention.py)
+        "attend_box": box,
+        "attend_from": attend_from,
     }
 
 
@@ -139,7 +150,18 @@ class SFTCollator:
             size = image_size(self.processor)
             cells = [box_cells(r["attend_box"], size) for r in rows]
             batch["box_cells"] = torch.from_numpy(np.stack(cells))
+            batch["box_from"] = self._box_from(rows, batch["labels"])
         return dict(batch)
+
+    def _box_from(self, rows: list[dict], labels: torch.Tensor) -> torch.Tensor:
+        """Per row, the position of its first target token that box attention supervises: the first completion
+        token plus the tokens of the target before ``attend_from``. Counting them by tokenizing that prefix alone
+        is exact: it ends at a sentence's full stop or at a tag, where the pre-tokenizer splits anyway."""
+        tokenizer = self.processor.tokenizer
+        starts = (labels != IGNORE_INDEX).int().argmax(dim=1)
+        prefixes = [r["target"][: r.get("attend_from", 0)] for r in rows]
+        skipped = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0 for text in prefixes]
+        return starts + torch.tensor(skipped, dtype=starts.dtype)
 
 
 def sft_dataset(records: list[dict], model_size: Size):

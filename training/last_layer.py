@@ -51,6 +51,7 @@ class CachedRows:
     box_tags: tuple[int, int] | None = None  # ids of <box> and </box>: box positions get soft targets
     teacher: list[torch.Tensor] | None = None  # per row: the original model's probabilities at its box positions
     box_keys: list[torch.Tensor] | None = None  # per row: positions of the image tokens inside its box (box attention)
+    box_from: torch.Tensor | None = None  # (rows,): position of each row's first target token box attention supervises
 
     def subset(self, keep: list[int]) -> CachedRows:
         def pick(values: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
@@ -58,7 +59,7 @@ class CachedRows:
 
         return CachedRows(
             pick(self.hidden), pick(self.position_ids), pick(self.targets), self.frame[keep], self.box_tags,
-            pick(self.teacher), pick(self.box_keys),
+            pick(self.teacher), pick(self.box_keys), self.box_from[keep] if self.box_from is not None else None,
         )  # fmt: skip
 
 
@@ -77,7 +78,8 @@ def cache_rows(loaded, rows: list[dict], batch_size: int = 32, dtype: torch.dtyp
     order, so the rows of one frame share one pass of the vision tower (``encode_frames_once``); the cache keeps
     that order. A row marked ``answer_only`` (the model's own reasoning, ``own_reasoning_rows``) keeps only its
     answer-label and protocol-tag targets: the model wrote the rest itself. Each row also keeps the positions of
-    its image tokens inside its ``attend_box`` (none without one), where box attention looks."""
+    its image tokens inside its ``attend_box`` (none without one), where box attention looks, and the position from
+    which on it looks there (``SFTCollator``'s ``box_from``)."""
     from .evaluate import encode_frames_once
 
     model = loaded.model
@@ -99,13 +101,14 @@ def cache_rows(loaded, rows: list[dict], batch_size: int = 32, dtype: torch.dtyp
     collate = SFTCollator(loaded.processor, ImageCache(), box_cells=True)
     frame_ids = frame_ids_of(rows)
     due = torch.tensor(answer_and_tag_ids(loaded.processor.tokenizer))
-    hidden, positions, targets, box_keys = [], [], [], []
+    hidden, positions, targets, box_keys, box_from = [], [], [], [], []
     try:
         for start in tqdm(range(0, len(rows), batch_size), desc="last-layer inputs", unit="batch"):
             chunk = rows[start : start + batch_size]
             batch = collate(chunk)
             labels = batch.pop("labels")
             cells = batch.pop("box_cells")
+            box_from += batch.pop("box_from").tolist()
             inputs = encode_frames_once(model, {k: v.to(model.device) for k, v in batch.items()},
                                         [r["image_path"] for r in chunk])  # fmt: skip
             with contextlib.suppress(_Captured):
@@ -128,7 +131,7 @@ def cache_rows(loaded, rows: list[dict], batch_size: int = 32, dtype: torch.dtyp
         for hook in hooks:
             hook.remove()
     frame = torch.tensor([frame_ids[r["image_path"]] for r in rows])
-    return CachedRows(hidden, positions, targets, frame, box_keys=box_keys)
+    return CachedRows(hidden, positions, targets, frame, box_keys=box_keys, box_from=torch.tensor(box_from))
 
 
 def _pad(tensors: list[torch.Tensor], value: float | int) -> torch.Tensor:
@@ -200,7 +203,7 @@ def box_positions(targets: torch.Tensor, box_tags: tuple[int, int]) -> torch.Ten
 def _batch(model, cached: CachedRows, rows: list[int], first_head: bool = False):
     """The logits at every completion position of ``rows``, their targets, and with ``first_head`` the attention
     mass the last layer's first head puts on each row's box (``CachedRows.box_keys``) at those positions, and
-    which rows have a box."""
+    which of them box attention supervises (rows with a box, from their ``box_from`` on)."""
     device = model.device
     hidden = _pad([cached.hidden[i].T for i in rows], 0.0).transpose(1, 2).to(device, torch.float32)
     position_ids = _pad([cached.position_ids[i] for i in rows], 0).permute(1, 0, 2).to(device, torch.long)
@@ -217,7 +220,8 @@ def _batch(model, cached: CachedRows, rows: list[int], first_head: bool = False)
         inside[row, cached.box_keys[i].long()] = 1.0
     mass = (weights * inside[:, None, :]).sum(-1)
     has_box = torch.tensor([len(cached.box_keys[i]) > 0 for i in rows], device=device)
-    return logits, targets, (mass, has_box)
+    supervised = has_box[:, None] & (queries + 1 >= cached.box_from[rows].to(device)[:, None])
+    return logits, targets, (mass, supervised)
 
 
 def batch_loss(model, cached: CachedRows, rows: list[int]) -> torch.Tensor:
@@ -237,8 +241,8 @@ class Losses(NamedTuple):
 
 def batch_losses(model, cached: CachedRows, rows: list[int], box_attention: bool = False) -> Losses:
     """``batch_loss``, and with ``box_attention`` the box attention loss of ``box_attention.py`` for the last
-    layer's first head, ``-log`` of its attention mass on the row's box at every completion position of the rows
-    with a box, with that mass."""
+    layer's first head, ``-log`` of its attention mass on the row's box at every supervised completion position
+    (``_batch``), with that mass."""
     logits, targets, attention = _batch(model, cached, rows, first_head=box_attention)
     log_probs = logits.log_softmax(-1)
     valid = targets != IGNORE_INDEX
@@ -248,11 +252,9 @@ def batch_losses(model, cached: CachedRows, rows: list[int], box_attention: bool
         soft = torch.cat([cached.teacher[i] for i in rows]).to(logits.device)
         losses = losses.masked_scatter(inside, -(soft * log_probs[inside]).sum(-1))
     sft = losses[valid].mean()
-    if attention is None or not attention[1].any():
+    if attention is None or not (supervised := attention[1] & valid).any():
         return Losses(sft)
-    mass, has_box = attention
-    mass = mass[valid & has_box[:, None]]
-    return Losses(sft, *attention_loss(mass))
+    return Losses(sft, *attention_loss(attention[0][supervised]))
 
 
 @torch.no_grad()

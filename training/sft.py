@@ -37,10 +37,10 @@ def box_attention_trainer(base: type, weight: float) -> type:
 
     class BoxAttentionSFTTrainer(base):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            cells = inputs.pop("box_cells")
+            cells, box_from = inputs.pop("box_cells"), inputs.pop("box_from")
             with captured_attention(self.model) as weights:  # the unwrapped model: hooks see through DDP
                 result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            extra = box_attention_loss(weights, inputs["input_ids"], inputs["labels"], cells,
+            extra = box_attention_loss(weights, inputs["input_ids"], inputs["labels"], cells, box_from,
                                        self.model.config.image_token_id)  # fmt: skip
             if extra is None:
                 return result

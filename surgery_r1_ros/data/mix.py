@@ -169,6 +169,17 @@ def write_reasoning(frame: Frame, qa: QA, rng: random.Random) -> str:
     return " ".join(sentences)
 
 
+def subject_sentences_start(reasoning: str, subject: str | None) -> int:
+    """Where the sentences about the question's subject begin in ``reasoning``: the start of the first sentence
+    that names the instrument ``subject`` (the space before it, or 0), so the reasoning before it is about the
+    organ and the other instruments (``write_reasoning`` puts the subject's sentences last). ``len(reasoning)``
+    when no instrument is asked about (organ questions) or the reasoning never names it."""
+    named = reasoning.find(instrument_phrase(subject)) if subject else -1
+    if named < 0:
+        return len(reasoning)
+    return reasoning.rfind(". ", 0, named) + 1
+
+
 def build_mix(dataset: VQLADataset, seed: int = 0) -> list[dict]:
     """One record of each kind per question, deterministic for a seed."""
     records: list[dict] = []
