@@ -703,6 +703,16 @@ def test_box_attention_loss_is_minus_log_of_the_mass_on_the_box():
         box_attention_loss([weights], input_ids, labels, cells[:, :3], every_target, image_id)
 
 
+def test_box_attention_loss_weighs_every_row_alike_however_many_positions_it_has():
+    """A chain of thought supervises several times the positions of a grounding row; each row counts once."""
+    import math
+
+    from surgery_r1_ros.training.box_attention import attention_loss
+
+    loss, mass = attention_loss(torch.tensor([0.5, 0.5, 0.5, 1.0]), torch.tensor([0, 0, 0, 3]))
+    assert float(loss) == pytest.approx(-math.log(0.5) / 2, rel=1e-4) and mass == pytest.approx(0.625)
+
+
 def test_box_attention_looks_from_the_subjects_sentences_on_in_reasoning_rows(micro):
     """Without reasoning, every completion token is supervised; with it, the tokens from the first sentence that
     names the question's instrument on (organ questions: from ``</think>``), counted exactly."""

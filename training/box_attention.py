@@ -104,12 +104,19 @@ def box_attention_loss(
     predicts &= torch.arange(1, image.shape[1] + 1, device=image.device)[None, :] >= box_from[:, None]
     chosen = predicts & rows[:, None]
     masses = [(w[:, 0] * inside[:, None, :]).sum(dim=-1)[chosen] for w in weights]  # first head, per position
-    return attention_loss(torch.cat(masses))
+    row_of = chosen.nonzero()[:, 0].repeat(len(weights))
+    return attention_loss(torch.cat(masses), row_of)
 
 
-def attention_loss(mass: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """The box attention loss of per-position attention masses on the box (``-log``, mean), and the mean mass."""
-    return -(mass + 1e-6).log().mean(), float(mass.detach().mean())
+def attention_loss(mass: torch.Tensor, row_of: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The box attention loss of per-position attention masses on the box, and their mean: ``-log`` mass averaged
+    per row, then over rows, so a chain of thought's ~70 supervised positions weigh as much as a grounding row's
+    ~20 (``row_of``: each position's row)."""
+    per_position = -(mass + 1e-6).log()
+    rows, row_index = row_of.unique(return_inverse=True)
+    sums = torch.zeros(len(rows), dtype=per_position.dtype, device=mass.device).index_add(0, row_index, per_position)
+    counts = torch.bincount(row_index, minlength=len(rows)).to(per_position.dtype)
+    return (sums / counts).mean(), float(mass.detach().mean())
 
 
 @torch.inference_mode()

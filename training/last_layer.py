@@ -254,7 +254,7 @@ def batch_losses(model, cached: CachedRows, rows: list[int], box_attention: bool
     sft = losses[valid].mean()
     if attention is None or not (supervised := attention[1] & valid).any():
         return Losses(sft)
-    return Losses(sft, *attention_loss(attention[0][supervised]))
+    return Losses(sft, *attention_loss(attention[0][supervised], supervised.nonzero()[:, 0]))
 
 
 @torch.no_grad()
