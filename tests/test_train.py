@@ -1094,10 +1094,10 @@ def test_last_layer_box_attention_is_the_first_heads_attention_and_training_move
     args = ["train", "last-layer", "--model", str(two_layer_model), "--mix", str(micro["mix"]), "--questions", "12",
             "--epochs", "20", "--lr", "1e-2"]  # fmt: skip
     assert main([*args, "--out", str(tmp_path / "plain")]) == 0
-    assert main([*args, "--out", str(tmp_path / "attend"), "--box-attention", "5.0"]) == 0
+    assert main([*args, "--out", str(tmp_path / "attend"), "--box-attention", "1.0"]) == 0
     plain = json.loads((tmp_path / "plain" / "surgery_r1.json").read_text())["last_layer"]
     attend = json.loads((tmp_path / "attend" / "surgery_r1.json").read_text())["last_layer"]
-    assert "box_attention_mass_after" not in plain and attend["box_attention"] == 5.0
+    assert "box_attention_mass_after" not in plain and attend["box_attention"] == 1.0
     assert attend["box_attention_mass_after"] > 2 * attend["box_attention_mass_before"]
     assert attend["held_loss_after"] < attend["held_loss_before"]
 
