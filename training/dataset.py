@@ -159,7 +159,7 @@ class SFTCollator:
         is exact: it ends at a sentence's full stop or at a tag, where the pre-tokenizer splits anyway."""
         tokenizer = self.processor.tokenizer
         starts = (labels != IGNORE_INDEX).int().argmax(dim=1)
-        prefixes = [r["target"][: r.get("attend_from", 0)] for r in rows]
+        prefixes = [r["target"][: r["attend_from"]] for r in rows]
         skipped = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0 for text in prefixes]
         return starts + torch.tensor(skipped, dtype=starts.dtype)
 
